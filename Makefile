@@ -1,0 +1,60 @@
+# rustadam — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Reinstalled when the requirements change; reused otherwise.
+DEPS := $(VENV)/.deps-installed
+# The extension is rebuilt when any Rust or packaging file changes.
+BUILT := $(VENV)/.rustadam-built
+SOURCES := $(shell find crates python -type f \( -name '*.rs' -o -name '*.toml' -o -name '*.py' -o -name '*.pyi' \) 2>/dev/null) Cargo.toml pyproject.toml
+
+.PHONY: help venv build demo test test-rust test-python lint fmt bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(DEPS): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+venv: $(DEPS) ## Create or update the virtual environment (.venv) with torch and the dev tools
+
+$(BUILT): $(DEPS) $(SOURCES)
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/maturin develop --release --quiet
+	touch $@
+
+build: $(BUILT) ## Build the extension in release mode into .venv
+
+demo: $(BUILT) ## Train an MLP on scikit-learn's digits with rustadam and torch.optim.Adam side by side
+	$(PY) -m rustadam.demo
+
+test: test-rust test-python ## Run every test: cargo test, then pytest
+
+test-rust: ## Rust unit, integration and doc tests
+	cargo test --workspace
+
+test-python: $(BUILT) ## pytest against the float64 oracle and torch.optim
+	$(PY) -m pytest
+
+lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, ruff check and format --check
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests
+	$(VENV)/bin/ruff format --check python tests
+
+fmt: $(DEPS) ## Format Rust and Python sources
+	cargo fmt --all
+	$(VENV)/bin/ruff format python tests
+	$(VENV)/bin/ruff check --fix python tests
+
+bench: $(BUILT) ## Step time of rustadam against torch.optim.Adam (fused, foreach, for-loop)
+	$(PY) -m rustadam.bench
+
+clean: ## Remove build outputs (keeps .venv)
+	cargo clean
+	rm -f $(BUILT)

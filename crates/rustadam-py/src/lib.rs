@@ -1,0 +1,424 @@
+//! `rustadam._core`: the Python extension over the rustadam core.
+//!
+//! Glue only: it reads each torch tensor's metadata, checks everything that makes a slice over
+//! its memory sound, hands the slices to `rustadam::step_tensors` with the GIL released, and maps
+//! errors to Python exceptions. Tensors it cannot take are returned, with the reason, for the
+//! caller's torch path.
+
+use std::sync::OnceLock;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use rustadam::{AdamConfig, AnyTensor, ExecOptions, SimdLevel, TensorRefs, WeightDecay};
+
+/// The element types the core takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DType {
+    F32,
+    F64,
+}
+
+impl DType {
+    fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
+}
+
+/// torch objects compared by identity; looked up once.
+struct Torch {
+    strided: Py<PyAny>,
+    float32: Py<PyAny>,
+    float64: Py<PyAny>,
+}
+
+fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
+    static TORCH: OnceLock<Torch> = OnceLock::new();
+    if let Some(t) = TORCH.get() {
+        return Ok(t);
+    }
+    let m = py.import("torch")?;
+    let t = Torch {
+        strided: m.getattr("strided")?.unbind(),
+        float32: m.getattr("float32")?.unbind(),
+        float64: m.getattr("float64")?.unbind(),
+    };
+    Ok(TORCH.get_or_init(|| t))
+}
+
+/// What the kernel needs of one tensor, read from it and checked.
+#[derive(Debug, Clone)]
+struct View {
+    ptr: usize,
+    numel: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Strides of the dimensions longer than 1; those are the ones that place elements.
+    strides: Vec<isize>,
+}
+
+impl View {
+    fn bytes(&self) -> usize {
+        self.numel * self.dtype.size()
+    }
+}
+
+/// Reads a tensor; `Ok(Err(reason))` when the core cannot take it.
+fn view(t: &Bound<'_, PyAny>, th: &Torch) -> PyResult<Result<View, String>> {
+    let py = t.py();
+    let layout = t.getattr(intern!(py, "layout"))?;
+    if !layout.is(th.strided.bind(py)) {
+        return Ok(Err(format!("its layout is {layout}, not torch.strided")));
+    }
+    if !t.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
+        let device = t.getattr(intern!(py, "device"))?;
+        return Ok(Err(format!(
+            "it is on device {device}; the Rust core runs on CPU tensors"
+        )));
+    }
+    let dt = t.getattr(intern!(py, "dtype"))?;
+    let dtype = if dt.is(th.float32.bind(py)) {
+        DType::F32
+    } else if dt.is(th.float64.bind(py)) {
+        DType::F64
+    } else {
+        return Ok(Err(format!(
+            "its dtype is {dt}; the Rust core takes torch.float32 and torch.float64"
+        )));
+    };
+    if t.call_method0(intern!(py, "is_neg"))?.extract::<bool>()? {
+        return Ok(Err("it is a negative view (is_neg() is set)".into()));
+    }
+    let shape: Vec<usize> = t.getattr(intern!(py, "shape"))?.extract()?;
+    let all_strides: Vec<isize> = t.call_method0(intern!(py, "stride"))?.extract()?;
+    let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    let numel = shape.iter().product::<usize>();
+    let strides: Vec<isize> = shape
+        .iter()
+        .zip(&all_strides)
+        .filter(|(&n, _)| n > 1)
+        .map(|(_, &s)| s)
+        .collect();
+    let v = View {
+        ptr,
+        numel,
+        dtype,
+        shape,
+        strides,
+    };
+    if numel > 0 {
+        if !is_dense_non_overlapping(&v) {
+            return Ok(Err(format!(
+                "its memory is not dense and non-overlapping (shape {:?}, strides {:?})",
+                v.shape, all_strides
+            )));
+        }
+        if ptr == 0 || !ptr.is_multiple_of(dtype.size()) {
+            return Ok(Err(format!(
+                "its data pointer {ptr:#x} is null or misaligned"
+            )));
+        }
+    }
+    Ok(Ok(v))
+}
+
+/// True when the elements fill `numel` consecutive slots exactly once: sorted by stride,
+/// the dimensions (of length > 1) must have strides 1, n0, n0·n1, …
+fn is_dense_non_overlapping(v: &View) -> bool {
+    let mut dims: Vec<(isize, usize)> = v
+        .strides
+        .iter()
+        .zip(v.shape.iter().filter(|&&n| n > 1))
+        .map(|(&s, &n)| (s, n))
+        .collect();
+    dims.sort_unstable();
+    let mut expected: usize = 1;
+    for (s, n) in dims {
+        if s < 0 || s as usize != expected {
+            return false;
+        }
+        expected *= n;
+    }
+    true
+}
+
+/// A tensor's four buffers, read and checked.
+struct Entry {
+    index: usize,
+    bufs: [View; 4],
+    step: u64,
+}
+
+const BUFFER_NAMES: [&str; 4] = ["param", "grad", "exp_avg", "exp_avg_sq"];
+
+/// Why the core cannot take a parameter, for the caller: `fatal` when no backend can give a
+/// meaningful result (its own buffers alias each other).
+type Rejection = (usize, String, bool);
+
+/// Finds every buffer that overlaps another one it must not overlap. Gradients may share memory
+/// with each other (they are only read); anything written may share memory with nothing.
+fn overlaps(entries: &[Entry]) -> Vec<Rejection> {
+    // (start, end, entry position, buffer number)
+    let mut spans: Vec<(usize, usize, usize, usize)> = Vec::with_capacity(entries.len() * 4);
+    for (e, entry) in entries.iter().enumerate() {
+        for (b, v) in entry.bufs.iter().enumerate() {
+            if v.numel > 0 {
+                spans.push((v.ptr, v.ptr + v.bytes(), e, b));
+            }
+        }
+    }
+    spans.sort_unstable();
+    let mut bad: Vec<Rejection> = Vec::new();
+    // The span reaching furthest so far, among all and among written buffers.
+    let mut reach_any: Option<(usize, usize, usize)> = None;
+    let mut reach_written: Option<(usize, usize, usize)> = None;
+    for &(start, end, e, b) in &spans {
+        let written = b != 1;
+        let hit = if written { reach_any } else { reach_written };
+        if let Some((r_end, r_e, r_b)) = hit {
+            if start < r_end {
+                for (x, xb, y, yb) in [(e, b, r_e, r_b), (r_e, r_b, e, b)] {
+                    let fatal = x == y;
+                    let reason = if fatal {
+                        format!(
+                            "its {} shares memory with its {}",
+                            BUFFER_NAMES[xb], BUFFER_NAMES[yb]
+                        )
+                    } else {
+                        format!(
+                            "its {} shares memory with the {} of another parameter in this call",
+                            BUFFER_NAMES[xb], BUFFER_NAMES[yb]
+                        )
+                    };
+                    bad.push((entries[x].index, reason, fatal));
+                }
+            }
+        }
+        if reach_any.is_none_or(|(r, _, _)| end > r) {
+            reach_any = Some((end, e, b));
+        }
+        if written && reach_written.is_none_or(|(r, _, _)| end > r) {
+            reach_written = Some((end, e, b));
+        }
+    }
+    bad
+}
+
+/// A mutable slice over a checked buffer.
+///
+/// # Safety
+/// `v.ptr` points at `v.numel` initialised, aligned elements of `E` in memory that stays alive
+/// and is touched by no other slice or thread for `'a` (checked by `view` and `overlaps`; the
+/// tensors are held by the caller's Python references for the whole call).
+unsafe fn slice_mut<'a, E>(v: &View) -> &'a mut [E] {
+    if v.numel == 0 {
+        return &mut [];
+    }
+    // SAFETY: as the function's contract states.
+    unsafe { std::slice::from_raw_parts_mut(v.ptr as *mut E, v.numel) }
+}
+
+/// A shared slice over a checked buffer.
+///
+/// # Safety
+/// As for [`slice_mut`], except that other shared slices may overlap it.
+unsafe fn slice<'a, E>(v: &View) -> &'a [E] {
+    if v.numel == 0 {
+        return &[];
+    }
+    // SAFETY: as the function's contract states.
+    unsafe { std::slice::from_raw_parts(v.ptr as *const E, v.numel) }
+}
+
+/// The typed buffers of one checked entry.
+///
+/// # Safety
+/// The entry passed `view` and `overlaps`, its four buffers have one dtype `E`, and the tensors
+/// stay alive for `'a`.
+unsafe fn refs<'a, E>(e: &Entry) -> TensorRefs<'a, E> {
+    let [p, g, m, v] = &e.bufs;
+    // SAFETY: the caller's contract covers each buffer; only the gradient is shared.
+    unsafe {
+        TensorRefs {
+            param: slice_mut(p),
+            grad: slice(g),
+            exp_avg: slice_mut(m),
+            exp_avg_sq: slice_mut(v),
+            step: e.step,
+        }
+    }
+}
+
+/// One Adam step over the CPU tensors of a parameter group.
+///
+/// Returns `(ran, [(index, reason, fatal)])`: the parameters it left untouched (another device,
+/// dtype or layout; memory shared between buffers), which the caller steps itself. When a
+/// rejection is fatal (a parameter's own buffers share memory), or any is and `strict` is set,
+/// nothing is written, `ran` is false and the list holds the offending parameters.
+/// `steps[i]` is t after this update. Raises ValueError for invalid hyper-parameters.
+#[pyfunction]
+#[pyo3(signature = (
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+    weight_decouple, absolute, optimized_update, num_threads, strict=false, simd=None
+))]
+#[allow(clippy::too_many_arguments)]
+fn adam_step(
+    py: Python<'_>,
+    params: Vec<Bound<'_, PyAny>>,
+    grads: Vec<Bound<'_, PyAny>>,
+    exp_avgs: Vec<Bound<'_, PyAny>>,
+    exp_avg_sqs: Vec<Bound<'_, PyAny>>,
+    steps: Vec<u64>,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    weight_decouple: bool,
+    absolute: bool,
+    optimized_update: bool,
+    num_threads: usize,
+    strict: bool,
+    simd: Option<&str>,
+) -> PyResult<(bool, Vec<Rejection>)> {
+    let n = params.len();
+    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()]
+        .iter()
+        .any(|&l| l != n)
+    {
+        return Err(PyValueError::new_err(
+            "params, grads, exp_avgs, exp_avg_sqs and steps must have one entry per parameter",
+        ));
+    }
+    let cfg = AdamConfig::default()
+        .lr(lr)
+        .betas(beta1, beta2)
+        .eps(eps)
+        .weight_decay(WeightDecay::from_flags(
+            weight_decay,
+            weight_decouple,
+            absolute,
+        ))
+        .optimized_update(optimized_update);
+    cfg.validate()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let opts = ExecOptions {
+        num_threads,
+        simd: simd.map(parse_simd).transpose()?,
+        ..ExecOptions::default()
+    };
+    let th = torch(py)?;
+
+    let mut rejected: Vec<Rejection> = Vec::new();
+    let mut entries: Vec<Entry> = Vec::with_capacity(n);
+    'params: for i in 0..n {
+        let mut bufs: Vec<View> = Vec::with_capacity(4);
+        for (b, t) in [&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]]
+            .into_iter()
+            .enumerate()
+        {
+            match view(t, th)? {
+                Ok(v) => bufs.push(v),
+                Err(why) => {
+                    rejected.push((i, format!("{}: {why}", BUFFER_NAMES[b]), false));
+                    continue 'params;
+                }
+            }
+        }
+        let p = &bufs[0];
+        if let Some(b) = (1..4).find(|&b| bufs[b].dtype != p.dtype) {
+            rejected.push((
+                i,
+                format!("{} has another dtype than param", BUFFER_NAMES[b]),
+                b == 1,
+            ));
+            continue;
+        }
+        if let Some(b) = (1..4).find(|&b| bufs[b].shape != p.shape) {
+            rejected.push((
+                i,
+                format!(
+                    "{} has shape {:?} but param has {:?}",
+                    BUFFER_NAMES[b], bufs[b].shape, p.shape
+                ),
+                true,
+            ));
+            continue;
+        }
+        if let Some(b) = (1..4).find(|&b| bufs[b].strides != p.strides) {
+            rejected.push((
+                i,
+                format!(
+                    "{} is laid out in memory differently from param",
+                    BUFFER_NAMES[b]
+                ),
+                false,
+            ));
+            continue;
+        }
+        let bufs: [View; 4] = bufs.try_into().expect("four buffers");
+        entries.push(Entry {
+            index: i,
+            bufs,
+            step: steps[i],
+        });
+    }
+    let clashes = overlaps(&entries);
+    if !clashes.is_empty() {
+        entries.retain(|e| !clashes.iter().any(|c| c.0 == e.index));
+        rejected.extend(clashes);
+        rejected.sort_by_key(|r| (r.0, !r.2));
+        rejected.dedup_by_key(|r| r.0);
+    }
+    if rejected.iter().any(|r| r.2) {
+        rejected.retain(|r| r.2);
+        return Ok((false, rejected));
+    }
+    if strict && !rejected.is_empty() {
+        return Ok((false, rejected));
+    }
+
+    let mut tensors: Vec<AnyTensor<'_>> = entries
+        .iter()
+        .map(|e| match e.bufs[0].dtype {
+            // SAFETY: each entry passed `view` (live, aligned, dense, one dtype) and `overlaps`
+            // (no written buffer shares memory with another); `params` etc. hold the tensors.
+            DType::F32 => AnyTensor::F32(unsafe { refs(e) }),
+            // SAFETY: as above.
+            DType::F64 => AnyTensor::F64(unsafe { refs(e) }),
+        })
+        .collect();
+    py.detach(|| rustadam::step_tensors(&cfg, &mut tensors, &opts))
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok((true, rejected))
+}
+
+fn parse_simd(name: &str) -> PyResult<SimdLevel> {
+    match SimdLevel::from_name(name) {
+        Some(l) if l.is_available() => Ok(l),
+        Some(_) => Err(PyValueError::new_err(format!(
+            "SIMD level {name:?} is not available on this CPU"
+        ))),
+        None => Err(PyValueError::new_err(format!(
+            "unknown SIMD level {name:?}; expected 'portable', 'avx2' or 'avx512'"
+        ))),
+    }
+}
+
+/// The SIMD levels this CPU runs, from the slowest; the last is the one used by default.
+#[pyfunction]
+fn simd_levels(py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
+    PyTuple::new(py, SimdLevel::available().into_iter().map(|l| l.name()))
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(adam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

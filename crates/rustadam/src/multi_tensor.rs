@@ -1,0 +1,208 @@
+//! Many tensors per call: chunking and the thread pool.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rayon::prelude::*;
+
+use crate::kernel::{self, Coeffs, Element, Mode, SimdLevel, StepScalars};
+use crate::{AdamConfig, AdamError};
+
+/// One tensor's buffers for a step: the parameter θ, its gradient g, the moments m and v,
+/// and `step`, the update count t *after* this update (1 on the first update).
+#[derive(Debug)]
+pub struct TensorRefs<'a, E> {
+    /// θ, updated in place.
+    pub param: &'a mut [E],
+    /// g, read only.
+    pub grad: &'a [E],
+    /// m, updated in place.
+    pub exp_avg: &'a mut [E],
+    /// v, updated in place.
+    pub exp_avg_sq: &'a mut [E],
+    /// t, the count of updates including this one (≥ 1).
+    pub step: u64,
+}
+
+/// A tensor of any supported element type, so one call can take a mixed group.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum AnyTensor<'a> {
+    /// `f32` buffers.
+    F32(TensorRefs<'a, f32>),
+    /// `f64` buffers.
+    F64(TensorRefs<'a, f64>),
+}
+
+impl<'a> From<TensorRefs<'a, f32>> for AnyTensor<'a> {
+    fn from(t: TensorRefs<'a, f32>) -> Self {
+        Self::F32(t)
+    }
+}
+
+impl<'a> From<TensorRefs<'a, f64>> for AnyTensor<'a> {
+    fn from(t: TensorRefs<'a, f64>) -> Self {
+        Self::F64(t)
+    }
+}
+
+/// How a call runs: threads, SIMD level and chunk length. Results never depend on these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// Worker threads; 0 or 1 runs on the calling thread.
+    pub num_threads: usize,
+    /// The SIMD level; `None` picks the best this CPU runs.
+    pub simd: Option<SimdLevel>,
+    /// Elements per chunk, the unit of work handed to a thread.
+    pub chunk_len: usize,
+}
+
+/// Below this many elements in a call, waking the pool costs more than it saves.
+const PARALLEL_MIN_ELEMS: usize = 1 << 15;
+
+impl Default for ExecOptions {
+    fn default() -> Self {
+        Self {
+            num_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            simd: None,
+            chunk_len: 1 << 16,
+        }
+    }
+}
+
+/// A contiguous piece of one tensor, with that tensor's coefficients.
+struct Chunk<'a, E: Element> {
+    k: Coeffs<E::Compute>,
+    p: &'a mut [E],
+    g: &'a [E],
+    m: &'a mut [E],
+    v: &'a mut [E],
+}
+
+enum Job<'a> {
+    F32(Chunk<'a, f32>),
+    F64(Chunk<'a, f64>),
+}
+
+impl Job<'_> {
+    fn run(&mut self, level: SimdLevel, mode: Mode) {
+        match self {
+            Job::F32(c) => kernel::run(level, mode, &c.k, c.p, c.g, c.m, c.v),
+            Job::F64(c) => kernel::run(level, mode, &c.k, c.p, c.g, c.m, c.v),
+        }
+    }
+}
+
+fn check<E>(index: usize, t: &TensorRefs<'_, E>) -> Result<(), AdamError> {
+    if t.step == 0 {
+        return Err(AdamError::ZeroStep { tensor: index });
+    }
+    let expected = t.param.len();
+    for (buffer, got) in [
+        ("grad", t.grad.len()),
+        ("exp_avg", t.exp_avg.len()),
+        ("exp_avg_sq", t.exp_avg_sq.len()),
+    ] {
+        if got != expected {
+            return Err(AdamError::LengthMismatch {
+                tensor: index,
+                buffer,
+                expected,
+                got,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn push_chunks<'a, E: Element>(
+    jobs: &mut Vec<Job<'a>>,
+    cfg: &AdamConfig,
+    t: &'a mut TensorRefs<'_, E>,
+    chunk_len: usize,
+    wrap: fn(Chunk<'a, E>) -> Job<'a>,
+) {
+    let k = Coeffs::new(&StepScalars::new(cfg, t.step));
+    let pieces = t
+        .param
+        .chunks_mut(chunk_len)
+        .zip(t.grad.chunks(chunk_len))
+        .zip(t.exp_avg.chunks_mut(chunk_len))
+        .zip(t.exp_avg_sq.chunks_mut(chunk_len));
+    for (((p, g), m), v) in pieces {
+        jobs.push(wrap(Chunk { k, p, g, m, v }));
+    }
+}
+
+/// One Adam step over many tensors in one call, split into chunks run on a thread pool.
+///
+/// Every tensor is checked (lengths, `step ≥ 1`) and the config validated before anything is
+/// written, so an error leaves all buffers unchanged.
+///
+/// ```
+/// use rustadam::{step_tensors, AdamConfig, AnyTensor, ExecOptions, TensorRefs};
+/// let (mut p, g, mut m, mut v) = (vec![1.0f32; 3], vec![0.5f32; 3], vec![0.0f32; 3], vec![0.0f32; 3]);
+/// let t = TensorRefs { param: &mut p, grad: &g, exp_avg: &mut m, exp_avg_sq: &mut v, step: 1 };
+/// step_tensors(&AdamConfig::default(), &mut [AnyTensor::from(t)], &ExecOptions::default()).unwrap();
+/// // The first step moves every element by about α.
+/// assert!((p[0] - (1.0 - 1e-3)).abs() < 1e-6);
+/// ```
+pub fn step_tensors(
+    cfg: &AdamConfig,
+    tensors: &mut [AnyTensor<'_>],
+    opts: &ExecOptions,
+) -> Result<(), AdamError> {
+    cfg.validate()?;
+    let mut total = 0usize;
+    for (i, t) in tensors.iter().enumerate() {
+        match t {
+            AnyTensor::F32(t) => check(i, t)?,
+            AnyTensor::F64(t) => check(i, t)?,
+        }
+        total += match t {
+            AnyTensor::F32(t) => t.param.len(),
+            AnyTensor::F64(t) => t.param.len(),
+        };
+    }
+    let chunk_len = opts.chunk_len.max(1);
+    let level = opts.simd.unwrap_or_else(SimdLevel::detect);
+    let mode = Mode::of(cfg);
+    let mut jobs = Vec::with_capacity(tensors.len() + total / chunk_len);
+    for t in tensors.iter_mut() {
+        match t {
+            AnyTensor::F32(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::F32),
+            AnyTensor::F64(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::F64),
+        }
+    }
+    if opts.num_threads <= 1 || total < PARALLEL_MIN_ELEMS || jobs.len() < 2 {
+        jobs.iter_mut().for_each(|j| j.run(level, mode));
+    } else {
+        pool(opts.num_threads)?.install(|| {
+            jobs.par_iter_mut()
+                .with_max_len(1)
+                .for_each(|j| j.run(level, mode))
+        });
+    }
+    Ok(())
+}
+
+/// One pool per thread count, built on first use and kept: building one costs far more than a step.
+fn pool(num_threads: usize) -> Result<Arc<rayon::ThreadPool>, AdamError> {
+    type Pools = Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>>;
+    static POOLS: OnceLock<Pools> = OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = pools.iter().find(|(n, _)| *n == num_threads) {
+        return Ok(Arc::clone(p));
+    }
+    let p = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(num_threads)
+            .thread_name(|i| format!("rustadam-{i}"))
+            .build()
+            .map_err(|e| AdamError::ThreadPool(e.to_string()))?,
+    );
+    pools.push((num_threads, Arc::clone(&p)));
+    Ok(p)
+}

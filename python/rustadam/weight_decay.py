@@ -1,0 +1,63 @@
+"""Weight decay as its own composable piece, applied before the moments are updated."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+class WeightDecay:
+    r"""Weight decay for :class:`rustadam.Adam`, called on each parameter before its moments.
+
+    With λ = ``group['weight_decay']`` and α = ``group['lr']``:
+
+    - ``weight_decouple=True`` (default, AdamW): θ ← θ·(1 − α·λ) in place, or θ ← θ·(1 − λ)
+      when ``absolute``; the gradient is returned unchanged.
+    - ``weight_decouple=False`` (L2): returns a new tensor g + λ·θ when λ ≠ 0, else g itself;
+      ``param.grad`` is never changed.
+
+    ``defaults()`` gives ``{'weight_decay': weight_decay}``, the parameter groups' default λ.
+    Any object with the same ``__call__(param, grad, group)`` and ``defaults()`` may be passed to
+    :class:`rustadam.Adam` instead (it then runs on the torch path).
+
+    >>> from rustadam import Adam, WeightDecay
+    >>> import torch
+    >>> opt = Adam([torch.nn.Parameter(torch.ones(2))], weight_decay=WeightDecay(0.01))
+    >>> opt.param_groups[0]["weight_decay"]
+    0.01
+    """
+
+    def __init__(
+        self, weight_decay: float = 0.0, weight_decouple: bool = True, absolute: bool = False
+    ) -> None:
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        self.weight_decay = weight_decay
+        self.weight_decouple = weight_decouple
+        self.absolute = absolute
+
+    def defaults(self) -> dict[str, Any]:
+        """The group default this object contributes: ``{'weight_decay': λ}``."""
+        return {"weight_decay": self.weight_decay}
+
+    def __call__(
+        self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]
+    ) -> torch.Tensor:
+        """Applies the decay; returns the gradient the moments are to use."""
+        if self.weight_decouple:
+            if self.absolute:
+                param.data.mul_(1.0 - group["weight_decay"])
+            else:
+                param.data.mul_(1.0 - group["lr"] * group["weight_decay"])
+            return grad
+        if group["weight_decay"] != 0:
+            return grad.add(param.data, alpha=group["weight_decay"])
+        return grad
+
+    def __repr__(self) -> str:
+        return (
+            f"WeightDecay(weight_decay={self.weight_decay}, "
+            f"weight_decouple={self.weight_decouple}, absolute={self.absolute})"
+        )
