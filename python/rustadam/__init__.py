@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["Adam", "WeightDecay", "__version__"]
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401
+def __getattr__(name: str) -> Any:
     if name == "Adam":
         from rustadam.optimizer import Adam
 

@@ -165,7 +165,7 @@ class Adam(Optimizer):
     # ---- step ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # noqa: ANN401
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Performs one update of every parameter that has a gradient.
 
         If ``closure`` is given it is called first, with autograd enabled, and its return value
@@ -192,7 +192,7 @@ class Adam(Optimizer):
             return True
         return type(self.weight_decay) is not WeightDecay
 
-    def _grad(self, gi: int, group: dict[str, Any], i: int, param: torch.Tensor) -> Any:  # noqa: ANN401
+    def _grad(self, gi: int, group: dict[str, Any], i: int, param: torch.Tensor) -> Any:
         grad = param.grad
         if grad is not None and grad.layout is not torch.strided:
             raise RuntimeError(

@@ -5,6 +5,8 @@
 //! errors to Python exceptions. Tensors it cannot take are returned, with the reason, for the
 //! caller's torch path.
 
+mod numpy_api;
+
 use std::sync::OnceLock;
 
 use pyo3::exceptions::PyValueError;
@@ -419,6 +421,7 @@ fn simd_levels(py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    numpy_api::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
