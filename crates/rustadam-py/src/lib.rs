@@ -20,6 +20,8 @@ use rustadam::{AdamConfig, AnyTensor, ExecOptions, SimdLevel, TensorRefs, Weight
 enum DType {
     F32,
     F64,
+    BF16,
+    F16,
 }
 
 impl DType {
@@ -27,6 +29,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F64 => 8,
+            DType::BF16 | DType::F16 => 2,
         }
     }
 }
@@ -34,8 +37,8 @@ impl DType {
 /// torch objects compared by identity; looked up once.
 struct Torch {
     strided: Py<PyAny>,
-    float32: Py<PyAny>,
-    float64: Py<PyAny>,
+    /// (torch dtype, element type, complex: each element is a pair of reals)
+    dtypes: Vec<(Py<PyAny>, DType, bool)>,
 }
 
 fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
@@ -44,10 +47,20 @@ fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
         return Ok(t);
     }
     let m = py.import("torch")?;
+    let mut dtypes = Vec::new();
+    for (name, dtype, complex) in [
+        ("float32", DType::F32, false),
+        ("float64", DType::F64, false),
+        ("bfloat16", DType::BF16, false),
+        ("float16", DType::F16, false),
+        ("complex64", DType::F32, true),
+        ("complex128", DType::F64, true),
+    ] {
+        dtypes.push((m.getattr(name)?.unbind(), dtype, complex));
+    }
     let t = Torch {
         strided: m.getattr("strided")?.unbind(),
-        float32: m.getattr("float32")?.unbind(),
-        float64: m.getattr("float64")?.unbind(),
+        dtypes,
     };
     Ok(TORCH.get_or_init(|| t))
 }
@@ -56,8 +69,10 @@ fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
 #[derive(Debug, Clone)]
 struct View {
     ptr: usize,
+    /// Real elements: a complex tensor counts each element as two.
     numel: usize,
     dtype: DType,
+    complex: bool,
     shape: Vec<usize>,
     /// Strides of the dimensions longer than 1; those are the ones that place elements.
     strides: Vec<isize>,
@@ -69,35 +84,56 @@ impl View {
     }
 }
 
-/// Reads a tensor; `Ok(Err(reason))` when the core cannot take it.
-fn view(t: &Bound<'_, PyAny>, th: &Torch) -> PyResult<Result<View, String>> {
+/// Why a tensor cannot go to the core as it is.
+enum Refusal {
+    /// The core does not handle it (device, dtype, layout kind, view flags).
+    Unsupported(String),
+    /// Its memory is not dense and non-overlapping: a gathered copy would go.
+    Layout(String),
+}
+
+/// Reads a tensor; `Ok(Err(_))` when the core cannot take it as it is.
+fn view(t: &Bound<'_, PyAny>, th: &Torch) -> PyResult<Result<View, Refusal>> {
+    use Refusal::{Layout, Unsupported};
     let py = t.py();
     let layout = t.getattr(intern!(py, "layout"))?;
     if !layout.is(th.strided.bind(py)) {
-        return Ok(Err(format!("its layout is {layout}, not torch.strided")));
+        return Ok(Err(Unsupported(format!(
+            "its layout is {layout}, not torch.strided"
+        ))));
     }
     if !t.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
         let device = t.getattr(intern!(py, "device"))?;
-        return Ok(Err(format!(
+        return Ok(Err(Unsupported(format!(
             "it is on device {device}; the Rust core runs on CPU tensors"
-        )));
+        ))));
     }
     let dt = t.getattr(intern!(py, "dtype"))?;
-    let dtype = if dt.is(th.float32.bind(py)) {
-        DType::F32
-    } else if dt.is(th.float64.bind(py)) {
-        DType::F64
-    } else {
-        return Ok(Err(format!(
-            "its dtype is {dt}; the Rust core takes torch.float32 and torch.float64"
-        )));
+    let Some(&(_, dtype, complex)) = th.dtypes.iter().find(|(d, _, _)| dt.is(d.bind(py))) else {
+        return Ok(Err(Unsupported(format!(
+            "its dtype is {dt}; the Rust core takes float32, float64, bfloat16, float16, \
+             complex64 and complex128"
+        ))));
     };
     if t.call_method0(intern!(py, "is_neg"))?.extract::<bool>()? {
-        return Ok(Err("it is a negative view (is_neg() is set)".into()));
+        return Ok(Err(Unsupported(
+            "it is a negative view (is_neg() is set)".into(),
+        )));
     }
-    let shape: Vec<usize> = t.getattr(intern!(py, "shape"))?.extract()?;
-    let all_strides: Vec<isize> = t.call_method0(intern!(py, "stride"))?.extract()?;
+    if complex && t.call_method0(intern!(py, "is_conj"))?.extract::<bool>()? {
+        return Ok(Err(Unsupported(
+            "it is a conjugate view (is_conj() is set)".into(),
+        )));
+    }
+    let mut shape: Vec<usize> = t.getattr(intern!(py, "shape"))?.extract()?;
+    let mut all_strides: Vec<isize> = t.call_method0(intern!(py, "stride"))?.extract()?;
     let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    if complex {
+        // A complex tensor is a real one with a trailing dimension (re, im) of stride 1.
+        all_strides.iter_mut().for_each(|s| *s *= 2);
+        shape.push(2);
+        all_strides.push(1);
+    }
     let numel = shape.iter().product::<usize>();
     let strides: Vec<isize> = shape
         .iter()
@@ -109,20 +145,22 @@ fn view(t: &Bound<'_, PyAny>, th: &Torch) -> PyResult<Result<View, String>> {
         ptr,
         numel,
         dtype,
+        complex,
         shape,
         strides,
     };
     if numel > 0 {
         if !is_dense_non_overlapping(&v) {
-            return Ok(Err(format!(
+            return Ok(Err(Layout(format!(
                 "its memory is not dense and non-overlapping (shape {:?}, strides {:?})",
-                v.shape, all_strides
-            )));
+                &v.shape[..v.shape.len() - complex as usize],
+                &all_strides[..all_strides.len() - complex as usize]
+            ))));
         }
         if ptr == 0 || !ptr.is_multiple_of(dtype.size()) {
-            return Ok(Err(format!(
+            return Ok(Err(Unsupported(format!(
                 "its data pointer {ptr:#x} is null or misaligned"
-            )));
+            ))));
         }
     }
     Ok(Ok(v))
@@ -157,9 +195,13 @@ struct Entry {
 
 const BUFFER_NAMES: [&str; 4] = ["param", "grad", "exp_avg", "exp_avg_sq"];
 
-/// Why the core cannot take a parameter, for the caller: `fatal` when no backend can give a
-/// meaningful result (its own buffers alias each other).
-type Rejection = (usize, String, bool);
+/// What the caller is to do with a parameter the core left alone.
+const FATAL: &str = "fatal"; // no backend gives a meaningful result: raise
+const LAYOUT: &str = "layout"; // not dense as it is: step a gathered copy
+const UNSUPPORTED: &str = "unsupported"; // step it with torch ops
+
+/// `(index, reason, kind)` for a parameter the core left alone; kind is one of the above.
+type Rejection = (usize, String, &'static str);
 
 /// Finds every buffer that overlaps another one it must not overlap. Gradients may share memory
 /// with each other (they are only read); anything written may share memory with nothing.
@@ -184,8 +226,8 @@ fn overlaps(entries: &[Entry]) -> Vec<Rejection> {
         if let Some((r_end, r_e, r_b)) = hit {
             if start < r_end {
                 for (x, xb, y, yb) in [(e, b, r_e, r_b), (r_e, r_b, e, b)] {
-                    let fatal = x == y;
-                    let reason = if fatal {
+                    let own = x == y;
+                    let reason = if own {
                         format!(
                             "its {} shares memory with its {}",
                             BUFFER_NAMES[xb], BUFFER_NAMES[yb]
@@ -196,7 +238,11 @@ fn overlaps(entries: &[Entry]) -> Vec<Rejection> {
                             BUFFER_NAMES[xb], BUFFER_NAMES[yb]
                         )
                     };
-                    bad.push((entries[x].index, reason, fatal));
+                    bad.push((
+                        entries[x].index,
+                        reason,
+                        if own { FATAL } else { UNSUPPORTED },
+                    ));
                 }
             }
         }
@@ -257,10 +303,12 @@ unsafe fn refs<'a, E>(e: &Entry) -> TensorRefs<'a, E> {
 
 /// One Adam step over the CPU tensors of a parameter group.
 ///
-/// Returns `(ran, [(index, reason, fatal)])`: the parameters it left untouched (another device,
-/// dtype or layout; memory shared between buffers), which the caller steps itself. When a
-/// rejection is fatal (a parameter's own buffers share memory), or any is and `strict` is set,
-/// nothing is written, `ran` is false and the list holds the offending parameters.
+/// Returns `(ran, [(index, reason, kind)])` for the parameters it left untouched, which the
+/// caller handles by kind: "layout" (not dense as it is: step a gathered copy), "unsupported"
+/// (another device or dtype, memory shared with another parameter: step with torch ops) or
+/// "fatal" (a parameter's own buffers share memory, a gradient of another dtype, a state of
+/// another shape). When any is fatal, or `strict` is set and any is unsupported, nothing is
+/// written, `ran` is false and the list holds just those.
 /// `steps[i]` is t after this update. Raises ValueError for invalid hyper-parameters.
 #[pyfunction]
 #[pyo3(signature = (
@@ -323,21 +371,24 @@ fn adam_step(
             .into_iter()
             .enumerate()
         {
-            match view(t, th)? {
-                Ok(v) => bufs.push(v),
-                Err(why) => {
-                    rejected.push((i, format!("{}: {why}", BUFFER_NAMES[b]), false));
-                    continue 'params;
+            let (why, kind) = match view(t, th)? {
+                Ok(v) => {
+                    bufs.push(v);
+                    continue;
                 }
-            }
+                Err(Refusal::Layout(why)) => (why, LAYOUT),
+                Err(Refusal::Unsupported(why)) => (why, UNSUPPORTED),
+            };
+            rejected.push((i, format!("{}: {why}", BUFFER_NAMES[b]), kind));
+            continue 'params;
         }
         let p = &bufs[0];
-        if let Some(b) = (1..4).find(|&b| bufs[b].dtype != p.dtype) {
-            rejected.push((
-                i,
-                format!("{} has another dtype than param", BUFFER_NAMES[b]),
-                b == 1,
-            ));
+        let same_type = |v: &View| (v.dtype, v.complex) == (p.dtype, p.complex);
+        if let Some(b) = (1..4).find(|&b| !same_type(&bufs[b])) {
+            // A gradient of another dtype would be cast silently by torch ops: refuse it.
+            let kind = if b == 1 { FATAL } else { UNSUPPORTED };
+            let why = format!("{} has another dtype than param", BUFFER_NAMES[b]);
+            rejected.push((i, why, kind));
             continue;
         }
         if let Some(b) = (1..4).find(|&b| bufs[b].shape != p.shape) {
@@ -347,7 +398,7 @@ fn adam_step(
                     "{} has shape {:?} but param has {:?}",
                     BUFFER_NAMES[b], bufs[b].shape, p.shape
                 ),
-                true,
+                FATAL,
             ));
             continue;
         }
@@ -358,7 +409,7 @@ fn adam_step(
                     "{} is laid out in memory differently from param",
                     BUFFER_NAMES[b]
                 ),
-                false,
+                LAYOUT,
             ));
             continue;
         }
@@ -373,14 +424,15 @@ fn adam_step(
     if !clashes.is_empty() {
         entries.retain(|e| !clashes.iter().any(|c| c.0 == e.index));
         rejected.extend(clashes);
-        rejected.sort_by_key(|r| (r.0, !r.2));
+        rejected.sort_by_key(|r| (r.0, r.2 != FATAL));
         rejected.dedup_by_key(|r| r.0);
     }
-    if rejected.iter().any(|r| r.2) {
-        rejected.retain(|r| r.2);
+    if rejected.iter().any(|r| r.2 == FATAL) {
+        rejected.retain(|r| r.2 == FATAL);
         return Ok((false, rejected));
     }
-    if strict && !rejected.is_empty() {
+    if strict && rejected.iter().any(|r| r.2 == UNSUPPORTED) {
+        rejected.retain(|r| r.2 == UNSUPPORTED);
         return Ok((false, rejected));
     }
 
@@ -392,6 +444,10 @@ fn adam_step(
             DType::F32 => AnyTensor::F32(unsafe { refs(e) }),
             // SAFETY: as above.
             DType::F64 => AnyTensor::F64(unsafe { refs(e) }),
+            // SAFETY: as above.
+            DType::BF16 => AnyTensor::BF16(unsafe { refs(e) }),
+            // SAFETY: as above.
+            DType::F16 => AnyTensor::F16(unsafe { refs(e) }),
         })
         .collect();
     py.detach(|| rustadam::step_tensors(&cfg, &mut tensors, &opts))

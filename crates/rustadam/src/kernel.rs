@@ -79,6 +79,33 @@ macro_rules! impl_native_element {
 impl_native_element!(f32);
 impl_native_element!(f64);
 
+macro_rules! impl_half_element {
+    ($t:ty, $load:path, $store:path) => {
+        /// Computed in `f32`, rounded to nearest-even once when stored.
+        impl Element for $t {
+            type Compute = f32;
+            #[inline(always)]
+            fn load(self) -> f32 {
+                $load(self)
+            }
+            #[inline(always)]
+            fn store(x: f32) -> $t {
+                $store(x)
+            }
+        }
+    };
+}
+impl_half_element!(
+    half::bf16,
+    crate::halfprec::bf16_to_f32,
+    crate::halfprec::f32_to_bf16
+);
+impl_half_element!(
+    half::f16,
+    crate::halfprec::f16_to_f32,
+    crate::halfprec::f32_to_f16
+);
+
 /// The per-tensor scalars of one step, in `f64`, computed once from the config and the step count.
 ///
 /// With `bc1 = 1 − β1^t` and `bc2 = 1 − β2^t`:

@@ -31,18 +31,36 @@ pub enum AnyTensor<'a> {
     F32(TensorRefs<'a, f32>),
     /// `f64` buffers.
     F64(TensorRefs<'a, f64>),
+    /// bfloat16 buffers, computed in `f32`.
+    BF16(TensorRefs<'a, half::bf16>),
+    /// IEEE binary16 buffers, computed in `f32`.
+    F16(TensorRefs<'a, half::f16>),
 }
 
-impl<'a> From<TensorRefs<'a, f32>> for AnyTensor<'a> {
-    fn from(t: TensorRefs<'a, f32>) -> Self {
-        Self::F32(t)
-    }
+macro_rules! any_tensor_from {
+    ($t:ty, $variant:ident) => {
+        impl<'a> From<TensorRefs<'a, $t>> for AnyTensor<'a> {
+            fn from(t: TensorRefs<'a, $t>) -> Self {
+                Self::$variant(t)
+            }
+        }
+    };
 }
+any_tensor_from!(f32, F32);
+any_tensor_from!(f64, F64);
+any_tensor_from!(half::bf16, BF16);
+any_tensor_from!(half::f16, F16);
 
-impl<'a> From<TensorRefs<'a, f64>> for AnyTensor<'a> {
-    fn from(t: TensorRefs<'a, f64>) -> Self {
-        Self::F64(t)
-    }
+/// Applies `$body` to the `TensorRefs` inside any variant (the element type differs per arm).
+macro_rules! with_refs {
+    ($any:expr, $t:ident => $body:expr) => {
+        match $any {
+            AnyTensor::F32($t) => $body,
+            AnyTensor::F64($t) => $body,
+            AnyTensor::BF16($t) => $body,
+            AnyTensor::F16($t) => $body,
+        }
+    };
 }
 
 /// How a call runs: threads, SIMD level and chunk length. Results never depend on these.
@@ -81,6 +99,8 @@ struct Chunk<'a, E: Element> {
 enum Job<'a> {
     F32(Chunk<'a, f32>),
     F64(Chunk<'a, f64>),
+    BF16(Chunk<'a, half::bf16>),
+    F16(Chunk<'a, half::f16>),
 }
 
 impl Job<'_> {
@@ -88,6 +108,8 @@ impl Job<'_> {
         match self {
             Job::F32(c) => kernel::run(level, mode, &c.k, c.p, c.g, c.m, c.v),
             Job::F64(c) => kernel::run(level, mode, &c.k, c.p, c.g, c.m, c.v),
+            Job::BF16(c) => kernel::run(level, mode, &c.k, c.p, c.g, c.m, c.v),
+            Job::F16(c) => kernel::run(level, mode, &c.k, c.p, c.g, c.m, c.v),
         }
     }
 }
@@ -154,14 +176,8 @@ pub fn step_tensors(
     cfg.validate()?;
     let mut total = 0usize;
     for (i, t) in tensors.iter().enumerate() {
-        match t {
-            AnyTensor::F32(t) => check(i, t)?,
-            AnyTensor::F64(t) => check(i, t)?,
-        }
-        total += match t {
-            AnyTensor::F32(t) => t.param.len(),
-            AnyTensor::F64(t) => t.param.len(),
-        };
+        with_refs!(t, t => check(i, t))?;
+        total += with_refs!(t, t => t.param.len());
     }
     let chunk_len = opts.chunk_len.max(1);
     let level = opts.simd.unwrap_or_else(SimdLevel::detect);
@@ -171,6 +187,8 @@ pub fn step_tensors(
         match t {
             AnyTensor::F32(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::F32),
             AnyTensor::F64(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::F64),
+            AnyTensor::BF16(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::BF16),
+            AnyTensor::F16(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::F16),
         }
     }
     if opts.num_threads <= 1 || total < PARALLEL_MIN_ELEMS || jobs.len() < 2 {

@@ -376,3 +376,76 @@ fn errors_leave_buffers_unchanged() {
     assert!(step_tensors(&cfg, &mut [AnyTensor::from(refs)], &opts(1, None)).is_err());
     assert_eq!(p2, vec![1.0; 2]);
 }
+
+/// bf16 and f16: computed in f32 and rounded once on store, so one step equals the f32 scalar
+/// reference on the widened values, narrowed with the `half` crate's rounding, bit for bit, at
+/// every SIMD level and thread count.
+fn half_matches_reference<H>(to32: fn(H) -> f32, from32: fn(f32) -> H, bits: fn(H) -> u16)
+where
+    H: Copy + std::fmt::Debug,
+    for<'a> AnyTensor<'a>: From<TensorRefs<'a, H>>,
+{
+    let mut rng = Rng(11);
+    let n = 5_000;
+    for cfg in configs() {
+        let cfg = cfg.eps(1e-16);
+        let mk = |rng: &mut Rng, scale: f64| -> Vec<H> {
+            rng.vec(n)
+                .iter()
+                .map(|&x| from32((x * scale) as f32))
+                .collect()
+        };
+        let p0 = mk(&mut rng, 1.0);
+        let mut g = mk(&mut rng, 1.0);
+        g[0] = from32(0.0); // a zero gradient: no 0/0 even where 1e-16 underflows in f16
+        let m0 = mk(&mut rng, 0.1);
+        let v0: Vec<H> = mk(&mut rng, 0.01)
+            .iter()
+            .map(|&x| from32(to32(x).abs()))
+            .collect();
+        let t = 3;
+        // Reference: widen, one f32 step, narrow.
+        let w = |xs: &[H]| xs.iter().map(|&x| to32(x)).collect::<Vec<f32>>();
+        let (mut rp, rg, mut rm, mut rv) = (w(&p0), w(&g), w(&m0), w(&v0));
+        scalar_f32(&cfg, t, &mut rp, &rg, &mut rm, &mut rv);
+        let narrow = |xs: &[f32]| xs.iter().map(|&x| bits(from32(x))).collect::<Vec<u16>>();
+        let expected = [narrow(&rp), narrow(&rm), narrow(&rv)];
+        for level in SimdLevel::available() {
+            for threads in [1, 2] {
+                let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
+                let refs = TensorRefs {
+                    param: &mut p,
+                    grad: &g,
+                    exp_avg: &mut m,
+                    exp_avg_sq: &mut v,
+                    step: t,
+                };
+                let o = ExecOptions {
+                    num_threads: threads,
+                    simd: Some(level),
+                    chunk_len: 1000,
+                };
+                step_tensors(&cfg, &mut [AnyTensor::from(refs)], &o).unwrap();
+                let got = [
+                    p.iter().map(|&x| bits(x)).collect::<Vec<u16>>(),
+                    m.iter().map(|&x| bits(x)).collect(),
+                    v.iter().map(|&x| bits(x)).collect(),
+                ];
+                assert!(got == expected, "{level:?}, {threads} threads, {cfg:?}");
+                assert!(p.iter().all(|&x| to32(x).is_finite()));
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_computes_in_f32_and_rounds_once() {
+    use rustadam::bf16;
+    half_matches_reference(bf16::to_f32, bf16::from_f32, bf16::to_bits);
+}
+
+#[test]
+fn f16_computes_in_f32_and_rounds_once() {
+    use rustadam::f16;
+    half_matches_reference(f16::to_f32, f16::from_f32, f16::to_bits);
+}

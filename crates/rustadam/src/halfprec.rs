@@ -1,0 +1,140 @@
+//! Conversions between `f32` and the 16-bit float types, written with integer and float
+//! operations that vectorise (no table, no branch per element), rounding to nearest, ties to even.
+
+use half::{bf16, f16};
+
+/// bfloat16 is the top half of an `f32`: widening is exact.
+#[inline(always)]
+pub(crate) fn bf16_to_f32(x: bf16) -> f32 {
+    f32::from_bits((x.to_bits() as u32) << 16)
+}
+
+/// Rounds to the nearest bfloat16, ties to even; NaN stays NaN (quiet).
+#[inline(always)]
+pub(crate) fn f32_to_bf16(x: f32) -> bf16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((b >> 16) | 0x0040) as u16;
+    bf16::from_bits(if x.is_nan() { quiet_nan } else { rounded })
+}
+
+/// Widens an IEEE binary16 value exactly (subnormals, infinities and NaN included).
+#[inline(always)]
+pub(crate) fn f16_to_f32(x: f16) -> f32 {
+    let h = x.to_bits() as u32;
+    let sign = (h & 0x8000) << 16;
+    let bits = (h & 0x7fff) << 13;
+    let exp = bits & 0x0f80_0000;
+    // Rebias the exponent from 15 to 127.
+    let normal = bits + ((127 - 15) << 23);
+    let inf_nan = normal + ((128 - 16) << 23);
+    // A subnormal's bits, rebiased as if normal, are off by 2^-14; subtracting it renormalises.
+    let sub = (f32::from_bits(normal + (1 << 23)) - f32::from_bits(113 << 23)).to_bits();
+    let out = if exp == 0x0f80_0000 {
+        inf_nan
+    } else if exp == 0 {
+        sub
+    } else {
+        normal
+    };
+    f32::from_bits(out | sign)
+}
+
+/// Rounds to the nearest binary16, ties to even; overflow gives ±inf, NaN stays NaN.
+#[inline(always)]
+pub(crate) fn f32_to_f16(x: f32) -> f16 {
+    const F32_INF: u32 = 255 << 23;
+    const F16_OVERFLOW: u32 = (127 + 16) << 23;
+    // Adding this float aligns a subnormal result's 10 bits at the bottom, rounded by the FPU.
+    const DENORM_MAGIC: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let u = b & 0x7fff_ffff;
+    let inf_nan: u16 = if u > F32_INF { 0x7e00 } else { 0x7c00 };
+    let sub = (f32::from_bits(u) + f32::from_bits(DENORM_MAGIC))
+        .to_bits()
+        .wrapping_sub(DENORM_MAGIC) as u16;
+    let mant_odd = (u >> 13) & 1;
+    let normal = (u
+        .wrapping_add(((15u32.wrapping_sub(127)) << 23).wrapping_add(0xfff))
+        .wrapping_add(mant_odd)
+        >> 13) as u16;
+    let out = if u >= F16_OVERFLOW {
+        inf_nan
+    } else if u < (113 << 23) {
+        sub
+    } else {
+        normal
+    };
+    f16::from_bits(out | sign)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every binary16 value widens exactly as the `half` crate does it.
+    #[test]
+    fn f16_widening_is_exact_for_all_values() {
+        for bits in 0..=u16::MAX {
+            let h = f16::from_bits(bits);
+            let (a, b) = (f16_to_f32(h), h.to_f32());
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "{bits:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_widening_is_exact_for_all_values() {
+        for bits in 0..=u16::MAX {
+            let h = bf16::from_bits(bits);
+            let (a, b) = (bf16_to_f32(h), h.to_f32());
+            assert!(
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                "{bits:#x}"
+            );
+        }
+    }
+
+    /// Rounding agrees with the `half` crate's (round to nearest, ties to even) on every f32
+    /// whose bits step through the whole range, including all ties around each 16-bit value.
+    #[test]
+    fn narrowing_rounds_to_nearest_even() {
+        let mut checked = 0u64;
+        let mut bits: u32 = 0;
+        loop {
+            for b in [
+                bits,
+                bits | 0x1000,
+                bits | 0x0fff,
+                bits | 0x2000,
+                bits | 0x8000,
+                bits | 0x7fff,
+            ] {
+                let x = f32::from_bits(b);
+                let (a, r) = (f32_to_f16(x), f16::from_f32(x));
+                assert!(
+                    a.to_bits() == r.to_bits() || (a.is_nan() && r.is_nan()),
+                    "f16 {x:e} ({b:#x}): {:#x} vs {:#x}",
+                    a.to_bits(),
+                    r.to_bits()
+                );
+                let (a, r) = (f32_to_bf16(x), bf16::from_f32(x));
+                assert!(
+                    a.to_bits() == r.to_bits() || (a.is_nan() && r.is_nan()),
+                    "bf16 {x:e} ({b:#x}): {:#x} vs {:#x}",
+                    a.to_bits(),
+                    r.to_bits()
+                );
+                checked += 1;
+            }
+            match bits.checked_add(0x0001_2345) {
+                Some(n) => bits = n,
+                None => break,
+            }
+        }
+        assert!(checked > 100_000);
+    }
+}
