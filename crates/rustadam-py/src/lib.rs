@@ -301,40 +301,18 @@ unsafe fn refs<'a, E>(e: &Entry) -> TensorRefs<'a, E> {
     }
 }
 
-/// One Adam step over the CPU tensors of a parameter group.
-///
-/// Returns `(ran, [(index, reason, kind)])` for the parameters it left untouched, which the
-/// caller handles by kind: "layout" (not dense as it is: step a gathered copy), "unsupported"
-/// (another device or dtype, memory shared with another parameter: step with torch ops) or
-/// "fatal" (a parameter's own buffers share memory, a gradient of another dtype, a state of
-/// another shape). When any is fatal, or `strict` is set and any is unsupported, nothing is
-/// written, `ran` is false and the list holds just those.
-/// `steps[i]` is t after this update. Raises ValueError for invalid hyper-parameters.
-#[pyfunction]
-#[pyo3(signature = (
-    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
-    weight_decouple, absolute, optimized_update, num_threads, strict=false, simd=None
-))]
-#[allow(clippy::too_many_arguments)]
-fn adam_step(
+/// Reads and checks every parameter's four buffers: the entries the core can take, and the
+/// rejections. `ok` is false when nothing may run (a fatal rejection, or an unsupported one
+/// under `strict`); the rejections are then just those.
+fn collect(
     py: Python<'_>,
-    params: Vec<Bound<'_, PyAny>>,
-    grads: Vec<Bound<'_, PyAny>>,
-    exp_avgs: Vec<Bound<'_, PyAny>>,
-    exp_avg_sqs: Vec<Bound<'_, PyAny>>,
-    steps: Vec<u64>,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    weight_decouple: bool,
-    absolute: bool,
-    optimized_update: bool,
-    num_threads: usize,
+    params: &[Bound<'_, PyAny>],
+    grads: &[Bound<'_, PyAny>],
+    exp_avgs: &[Bound<'_, PyAny>],
+    exp_avg_sqs: &[Bound<'_, PyAny>],
+    steps: &[u64],
     strict: bool,
-    simd: Option<&str>,
-) -> PyResult<(bool, Vec<Rejection>)> {
+) -> PyResult<(Vec<Entry>, Vec<Rejection>, bool)> {
     let n = params.len();
     if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()]
         .iter()
@@ -344,23 +322,6 @@ fn adam_step(
             "params, grads, exp_avgs, exp_avg_sqs and steps must have one entry per parameter",
         ));
     }
-    let cfg = AdamConfig::default()
-        .lr(lr)
-        .betas(beta1, beta2)
-        .eps(eps)
-        .weight_decay(WeightDecay::from_flags(
-            weight_decay,
-            weight_decouple,
-            absolute,
-        ))
-        .optimized_update(optimized_update);
-    cfg.validate()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let opts = ExecOptions {
-        num_threads,
-        simd: simd.map(parse_simd).transpose()?,
-        ..ExecOptions::default()
-    };
     let th = torch(py)?;
 
     let mut rejected: Vec<Rejection> = Vec::new();
@@ -429,18 +390,24 @@ fn adam_step(
     }
     if rejected.iter().any(|r| r.2 == FATAL) {
         rejected.retain(|r| r.2 == FATAL);
-        return Ok((false, rejected));
+        return Ok((Vec::new(), rejected, false));
     }
     if strict && rejected.iter().any(|r| r.2 == UNSUPPORTED) {
         rejected.retain(|r| r.2 == UNSUPPORTED);
-        return Ok((false, rejected));
+        return Ok((Vec::new(), rejected, false));
     }
 
-    let mut tensors: Vec<AnyTensor<'_>> = entries
+    Ok((entries, rejected, true))
+}
+
+/// The typed slices of checked entries, alive as long as `entries` (whose tensors the caller's
+/// Python references hold).
+fn tensors(entries: &[Entry]) -> Vec<AnyTensor<'_>> {
+    entries
         .iter()
         .map(|e| match e.bufs[0].dtype {
             // SAFETY: each entry passed `view` (live, aligned, dense, one dtype) and `overlaps`
-            // (no written buffer shares memory with another); `params` etc. hold the tensors.
+            // (no written buffer shares memory with another); the caller holds the tensors.
             DType::F32 => AnyTensor::F32(unsafe { refs(e) }),
             // SAFETY: as above.
             DType::F64 => AnyTensor::F64(unsafe { refs(e) }),
@@ -449,10 +416,96 @@ fn adam_step(
             // SAFETY: as above.
             DType::F16 => AnyTensor::F16(unsafe { refs(e) }),
         })
-        .collect();
+        .collect()
+}
+
+/// One Adam step over the CPU tensors of a parameter group.
+///
+/// Returns `(ran, [(index, reason, kind)])` for the parameters it left untouched, which the
+/// caller handles by kind: "layout" (not dense as it is: step a gathered copy), "unsupported"
+/// (another device or dtype, memory shared with another parameter: step with torch ops) or
+/// "fatal" (a parameter's own buffers share memory, a gradient of another dtype, a state of
+/// another shape). When any is fatal, or `strict` is set and any is unsupported, nothing is
+/// written, `ran` is false and the list holds just those.
+/// `steps[i]` is t after this update. Raises ValueError for invalid hyper-parameters.
+#[pyfunction]
+#[pyo3(signature = (
+    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
+    weight_decouple, absolute, optimized_update, num_threads, strict=false, simd=None
+))]
+#[allow(clippy::too_many_arguments)]
+fn adam_step(
+    py: Python<'_>,
+    params: Vec<Bound<'_, PyAny>>,
+    grads: Vec<Bound<'_, PyAny>>,
+    exp_avgs: Vec<Bound<'_, PyAny>>,
+    exp_avg_sqs: Vec<Bound<'_, PyAny>>,
+    steps: Vec<u64>,
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    weight_decouple: bool,
+    absolute: bool,
+    optimized_update: bool,
+    num_threads: usize,
+    strict: bool,
+    simd: Option<&str>,
+) -> PyResult<(bool, Vec<Rejection>)> {
+    let cfg = AdamConfig::default()
+        .lr(lr)
+        .betas(beta1, beta2)
+        .eps(eps)
+        .weight_decay(WeightDecay::from_flags(
+            weight_decay,
+            weight_decouple,
+            absolute,
+        ))
+        .optimized_update(optimized_update);
+    cfg.validate()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let opts = ExecOptions {
+        num_threads,
+        simd: simd.map(parse_simd).transpose()?,
+        ..ExecOptions::default()
+    };
+    let (entries, rejected, ok) =
+        collect(py, &params, &grads, &exp_avgs, &exp_avg_sqs, &steps, strict)?;
+    if !ok {
+        return Ok((false, rejected));
+    }
+    let mut tensors = tensors(&entries);
     py.detach(|| rustadam::step_tensors(&cfg, &mut tensors, &opts))
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
     Ok((true, rejected))
+}
+
+/// The machine's limit for `adam_step` on the same tensors: the same loads and stores, chunks
+/// and threads with trivial arithmetic. For benchmarks: it overwrites the buffers meaninglessly.
+#[pyfunction]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, *, num_threads))]
+fn roofline(
+    py: Python<'_>,
+    params: Vec<Bound<'_, PyAny>>,
+    grads: Vec<Bound<'_, PyAny>>,
+    exp_avgs: Vec<Bound<'_, PyAny>>,
+    exp_avg_sqs: Vec<Bound<'_, PyAny>>,
+    num_threads: usize,
+) -> PyResult<()> {
+    let steps = vec![1; params.len()];
+    let (entries, rejected, _) =
+        collect(py, &params, &grads, &exp_avgs, &exp_avg_sqs, &steps, true)?;
+    if let Some((i, why, _)) = rejected.first() {
+        return Err(PyValueError::new_err(format!("tensor {i}: {why}")));
+    }
+    let opts = ExecOptions {
+        num_threads,
+        ..ExecOptions::default()
+    };
+    let mut tensors = tensors(&entries);
+    py.detach(|| rustadam::roofline(&mut tensors, &opts))
+        .map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 fn parse_simd(name: &str) -> PyResult<SimdLevel> {
@@ -477,6 +530,7 @@ fn simd_levels(py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(roofline, m)?)?;
     numpy_api::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -275,6 +275,42 @@ fn dispatch<E: Element>(
     }
 }
 
+/// The roofline: the same loads and stores as [`body`] with trivial arithmetic (θ += g, m += g,
+/// v += g), to measure what the memory system allows.
+#[inline(always)]
+fn roofline_body<E: Element>(p: &mut [E], g: &[E], m: &mut [E], v: &mut [E]) {
+    let n = p.len();
+    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    for i in 0..n {
+        let gi = g[i].load();
+        p[i] = E::store(p[i].load() + gi);
+        m[i] = E::store(m[i].load() + gi);
+        v[i] = E::store(v[i].load() + gi);
+    }
+}
+
+/// Which loop a chunk runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Work {
+    Adam(Mode),
+    Roofline,
+}
+
+#[inline(always)]
+fn dispatch_work<E: Element>(
+    work: Work,
+    k: &Coeffs<E::Compute>,
+    p: &mut [E],
+    g: &[E],
+    m: &mut [E],
+    v: &mut [E],
+) {
+    match work {
+        Work::Adam(mode) => dispatch(mode, k, p, g, m, v),
+        Work::Roofline => roofline_body(p, g, m, v),
+    }
+}
+
 /// An instruction-set level of the kernel, chosen at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SimdLevel {
@@ -340,34 +376,34 @@ impl SimdLevel {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn run_avx2<E: Element>(
-    mode: Mode,
+    work: Work,
     k: &Coeffs<E::Compute>,
     p: &mut [E],
     g: &[E],
     m: &mut [E],
     v: &mut [E],
 ) {
-    dispatch(mode, k, p, g, m, v)
+    dispatch_work(work, k, p, g, m, v)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn run_avx512<E: Element>(
-    mode: Mode,
+    work: Work,
     k: &Coeffs<E::Compute>,
     p: &mut [E],
     g: &[E],
     m: &mut [E],
     v: &mut [E],
 ) {
-    dispatch(mode, k, p, g, m, v)
+    dispatch_work(work, k, p, g, m, v)
 }
 
 /// Runs the kernel over one chunk at `level`, falling back to the portable code where the
 /// level is not available, so no caller can reach an instruction the CPU lacks.
 pub(crate) fn run<E: Element>(
     level: SimdLevel,
-    mode: Mode,
+    work: Work,
     k: &Coeffs<E::Compute>,
     p: &mut [E],
     g: &[E],
@@ -378,13 +414,13 @@ pub(crate) fn run<E: Element>(
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 if level.is_available() => {
             // SAFETY: is_available() just confirmed avx512f, avx2 and fma on this CPU.
-            unsafe { run_avx512(mode, k, p, g, m, v) }
+            unsafe { run_avx512(work, k, p, g, m, v) }
         }
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if level.is_available() => {
             // SAFETY: is_available() just confirmed avx2 and fma on this CPU.
-            unsafe { run_avx2(mode, k, p, g, m, v) }
+            unsafe { run_avx2(work, k, p, g, m, v) }
         }
-        _ => dispatch(mode, k, p, g, m, v),
+        _ => dispatch_work(work, k, p, g, m, v),
     }
 }

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use rayon::prelude::*;
 
-use crate::kernel::{self, Coeffs, Element, Mode, SimdLevel, StepScalars};
+use crate::kernel::{self, Coeffs, Element, Mode, SimdLevel, StepScalars, Work};
 use crate::{AdamConfig, AdamError};
 
 /// One tensor's buffers for a step: the parameter θ, its gradient g, the moments m and v,
@@ -104,12 +104,12 @@ enum Job<'a> {
 }
 
 impl Job<'_> {
-    fn run(&mut self, level: SimdLevel, mode: Mode) {
+    fn run(&mut self, level: SimdLevel, work: Work) {
         match self {
-            Job::F32(c) => kernel::run(level, mode, &c.k, c.p, c.g, c.m, c.v),
-            Job::F64(c) => kernel::run(level, mode, &c.k, c.p, c.g, c.m, c.v),
-            Job::BF16(c) => kernel::run(level, mode, &c.k, c.p, c.g, c.m, c.v),
-            Job::F16(c) => kernel::run(level, mode, &c.k, c.p, c.g, c.m, c.v),
+            Job::F32(c) => kernel::run(level, work, &c.k, c.p, c.g, c.m, c.v),
+            Job::F64(c) => kernel::run(level, work, &c.k, c.p, c.g, c.m, c.v),
+            Job::BF16(c) => kernel::run(level, work, &c.k, c.p, c.g, c.m, c.v),
+            Job::F16(c) => kernel::run(level, work, &c.k, c.p, c.g, c.m, c.v),
         }
     }
 }
@@ -173,6 +173,22 @@ pub fn step_tensors(
     tensors: &mut [AnyTensor<'_>],
     opts: &ExecOptions,
 ) -> Result<(), AdamError> {
+    execute(cfg, tensors, opts, Work::Adam(Mode::of(cfg)))
+}
+
+/// The machine's limit for [`step_tensors`]: the same loads and stores, the same chunks and
+/// threads, with trivial arithmetic (θ += g, m += g, v += g). For benchmarks only: it changes
+/// the buffers meaninglessly.
+pub fn roofline(tensors: &mut [AnyTensor<'_>], opts: &ExecOptions) -> Result<(), AdamError> {
+    execute(&AdamConfig::default(), tensors, opts, Work::Roofline)
+}
+
+fn execute(
+    cfg: &AdamConfig,
+    tensors: &mut [AnyTensor<'_>],
+    opts: &ExecOptions,
+    work: Work,
+) -> Result<(), AdamError> {
     cfg.validate()?;
     let mut total = 0usize;
     for (i, t) in tensors.iter().enumerate() {
@@ -181,7 +197,6 @@ pub fn step_tensors(
     }
     let chunk_len = opts.chunk_len.max(1);
     let level = opts.simd.unwrap_or_else(SimdLevel::detect);
-    let mode = Mode::of(cfg);
     let mut jobs = Vec::with_capacity(tensors.len() + total / chunk_len);
     for t in tensors.iter_mut() {
         match t {
@@ -192,12 +207,12 @@ pub fn step_tensors(
         }
     }
     if opts.num_threads <= 1 || total < PARALLEL_MIN_ELEMS || jobs.len() < 2 {
-        jobs.iter_mut().for_each(|j| j.run(level, mode));
+        jobs.iter_mut().for_each(|j| j.run(level, work));
     } else {
         pool(opts.num_threads)?.install(|| {
             jobs.par_iter_mut()
                 .with_max_len(1)
-                .for_each(|j| j.run(level, mode))
+                .for_each(|j| j.run(level, work))
         });
     }
     Ok(())
