@@ -8,6 +8,7 @@ use crate::AdamError;
 /// - [`WeightDecay::Decoupled`]: `θ ← θ·(1 − α·λ)` before the Adam update (AdamW).
 /// - [`WeightDecay::DecoupledAbsolute`]: `θ ← θ·(1 − λ)`, independent of the learning rate.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub enum WeightDecay {
     /// No decay.
     #[default]
@@ -53,6 +54,9 @@ impl WeightDecay {
 /// cfg.validate().unwrap();
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+// A field left out of a serialized config takes its default.
+#[cfg_attr(feature = "serde", serde(default))]
 pub struct AdamConfig {
     /// Learning rate α (default 1e-3).
     pub lr: f64,

@@ -37,6 +37,13 @@ pub enum AdamError {
     },
     /// The thread pool could not be built.
     ThreadPool(String),
+    /// An [`AdamState`](crate::AdamState) whose two moments have different lengths.
+    StateMismatch {
+        /// The length of m (`exp_avg`).
+        exp_avg: usize,
+        /// The length of v (`exp_avg_sq`).
+        exp_avg_sq: usize,
+    },
 }
 
 impl fmt::Display for AdamError {
@@ -62,6 +69,13 @@ impl fmt::Display for AdamError {
                 "tensor {tensor}: {buffer} has {got} elements but the parameter has {expected}"
             ),
             Self::ThreadPool(msg) => write!(f, "could not build the thread pool: {msg}"),
+            Self::StateMismatch {
+                exp_avg,
+                exp_avg_sq,
+            } => write!(
+                f,
+                "AdamState: exp_avg has {exp_avg} elements but exp_avg_sq has {exp_avg_sq}"
+            ),
         }
     }
 }

@@ -38,10 +38,16 @@
 
 mod config;
 mod error;
+mod halfprec;
 pub mod kernel;
+
+/// The 16-bit float types the kernel takes (re-exported from the `half` crate).
+pub use half::{bf16, f16};
 mod multi_tensor;
+mod optimizer;
 
 pub use config::{AdamConfig, WeightDecay};
 pub use error::AdamError;
 pub use kernel::{Element, Real, SimdLevel, StepScalars};
-pub use multi_tensor::{step_tensors, AnyTensor, ExecOptions, TensorRefs};
+pub use multi_tensor::{roofline, step_tensors, AnyTensor, ExecOptions, TensorRefs};
+pub use optimizer::{Adam, AdamState};
