@@ -1,0 +1,334 @@
+r"""``rustadam.numpy``: Adam over numpy arrays, in place, through the Rust core (no torch needed).
+
+For a parameter θ with gradient g at update t (t counts this parameter's updates from 1):
+
+.. math::
+
+    m_t = β_1 m_{t-1} + (1-β_1) g_t, \quad v_t = β_2 v_{t-1} + (1-β_2) g_t^2
+
+and with :math:`bc_1 = 1-β_1^t`, :math:`bc_2 = 1-β_2^t` (float64):
+
+- ``optimized_update=True`` (default): θ ← θ − (α·√bc2 / bc1) · m / (√v + ε̂), where the given
+  ``eps`` is ε̂ = ε·√bc2;
+- ``optimized_update=False``: θ ← θ − (α / bc1) · m / (√v / √bc2 + ε).
+
+Weight decay runs first: with ``weight_decouple=True`` θ ← θ·(1 − α·λ) (θ ← θ·(1 − λ) when
+``absolute``); with ``weight_decouple=False`` (L2) the moments see g + λ·θ (the gradient array
+itself is not changed).
+
+Arrays are float32 or float64, C-contiguous, any shape; a parameter's four arrays share one
+dtype and shape. float32 arrays are computed in float32 with the hyper-parameter arithmetic in
+float64. Bad input raises TypeError or ValueError naming the argument, before anything is
+written. The kernel runs with the GIL released.
+
+>>> import numpy as np
+>>> from rustadam.numpy import Adam
+>>> w = np.zeros(3)
+>>> opt = Adam([w], lr=0.1)
+>>> for _ in range(100):
+...     opt.step([2 * (w - 1.0)])  # the gradient of ‖w − 1‖²
+>>> bool(np.allclose(w, 1.0, atol=0.05))
+True
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Optional
+
+import numpy as np
+
+from rustadam import _core
+
+__all__ = ["Adam", "adam_step"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _check_hyper(lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:
+    """Raises ValueError for out-of-range hyper-parameters, with the torch API's messages."""
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (β1, β2), got {betas!r}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+
+
+def _check_num_threads(num_threads: Optional[int]) -> None:
+    if num_threads is not None and (
+        not isinstance(num_threads, int) or isinstance(num_threads, bool) or num_threads < 1
+    ):
+        raise ValueError(f"Invalid num_threads: {num_threads!r}; expected an int >= 1")
+
+
+def adam_step(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    step: int,
+    *,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-16,
+    weight_decay: float = 0.0,
+    weight_decouple: bool = True,
+    absolute: bool = False,
+    optimized_update: bool = True,
+    num_threads: Optional[int] = None,
+) -> None:
+    """One Adam update of ``param`` in place (see the module docs for the math).
+
+    Args:
+        param: θ, updated in place.
+        grad: g, only read.
+        exp_avg: m, updated in place (zeros before the first update).
+        exp_avg_sq: v, updated in place (zeros before the first update).
+        step: t, the count of updates *including this one*: 1 on the first call, then 2, …
+            The bias corrections use it, so pass the same sequence a torch optimizer's
+            ``state['step']`` takes after its increment.
+        lr: α (≥ 0).
+        betas: (β1, β2), each in [0, 1).
+        eps: ε̂ (``optimized_update=True``) or ε (≥ 0).
+        weight_decay: λ (≥ 0).
+        weight_decouple: decoupled decay (AdamW) when true, L2 when false.
+        absolute: with decoupled decay, θ ← θ·(1 − λ) instead of θ·(1 − α·λ).
+        optimized_update: which form of the bias correction to use.
+        num_threads: threads of the Rust core (default: all cores); results do not depend on it.
+
+    Raises:
+        TypeError: an argument is not an ndarray, or not float32/float64, or its dtype
+            differs from ``param``'s.
+        ValueError: a hyper-parameter is out of range, ``step < 1``, shapes differ, an array
+            is not C-contiguous, an updated array is read-only, or arrays share memory (one
+            array passed twice).
+
+    >>> import numpy as np
+    >>> p, g = np.ones(2), np.array([0.5, -0.5])
+    >>> m, v = np.zeros(2), np.zeros(2)
+    >>> adam_step(p, g, m, v, 1, lr=0.01)
+    >>> p  # the first update moves each element by α·sign(g)
+    array([0.99, 1.01])
+    """
+    _check_hyper(lr, betas, eps, weight_decay)
+    _check_num_threads(num_threads)
+    _core.numpy_adam_step(
+        param,
+        grad,
+        exp_avg,
+        exp_avg_sq,
+        step,
+        lr=float(lr),
+        beta1=float(betas[0]),
+        beta2=float(betas[1]),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        weight_decouple=bool(weight_decouple),
+        absolute=bool(absolute),
+        optimized_update=bool(optimized_update),
+        num_threads=num_threads,
+    )
+
+
+class Adam:
+    """Adam over a list of numpy arrays, updated in place; one Rust call per :meth:`step`.
+
+    State per parameter, created on its first update: ``step`` (t, the count of updates done),
+    ``exp_avg`` (m) and ``exp_avg_sq`` (v), zero arrays like the parameter. The
+    hyper-parameters are attributes read at every step, so a schedule may change ``opt.lr``.
+
+    Args:
+        params: the arrays to optimise: float32 or float64, C-contiguous, writeable.
+        lr, betas, eps, weight_decay, weight_decouple, absolute, optimized_update: as for
+            :func:`adam_step`.
+        num_threads: threads of the Rust core (default: all cores).
+
+    >>> import numpy as np
+    >>> w, b = np.zeros((2, 3), dtype=np.float32), np.zeros(2, dtype=np.float32)
+    >>> opt = Adam([w, b], lr=1e-2, weight_decay=0.01)
+    >>> opt.step([np.ones_like(w), None])  # None skips a parameter, as torch does
+    >>> opt.state_dict()["state"][0]["step"], 1 in opt.state_dict()["state"]
+    (1, False)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[np.ndarray],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-16,
+        weight_decay: float = 0.0,
+        weight_decouple: bool = True,
+        absolute: bool = False,
+        optimized_update: bool = True,
+        *,
+        num_threads: Optional[int] = None,
+    ) -> None:
+        self.params: list[np.ndarray] = list(params)
+        if not self.params:
+            raise ValueError("Adam got an empty parameter list")
+        for i, p in enumerate(self.params):
+            _check_param(p, f"params[{i}]")
+        _check_hyper(lr, betas, eps, weight_decay)
+        _check_num_threads(num_threads)
+        self.lr = lr
+        self.betas = betas
+        self.eps = eps
+        self.weight_decay = weight_decay
+        self.weight_decouple = weight_decouple
+        self.absolute = absolute
+        self.optimized_update = optimized_update
+        self.num_threads = num_threads
+        # Parameter index -> {"step": int, "exp_avg": ndarray, "exp_avg_sq": ndarray}.
+        self.state: dict[int, dict[str, Any]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"Adam({len(self.params)} arrays, lr={self.lr}, betas={self.betas}, eps={self.eps}, "
+            f"weight_decay={self.weight_decay}, weight_decouple={self.weight_decouple}, "
+            f"absolute={self.absolute}, optimized_update={self.optimized_update})"
+        )
+
+    def step(self, grads: Sequence[Optional[np.ndarray]]) -> None:
+        """One update of every parameter whose gradient is not None.
+
+        ``grads[i]`` is the gradient of ``params[i]`` (same shape and dtype, C-contiguous).
+        Every array is checked before anything is written: on an error no parameter, moment or
+        step count changes.
+        """
+        grads = list(grads)
+        if len(grads) != len(self.params):
+            raise ValueError(f"step() got {len(grads)} gradients for {len(self.params)} parameters")
+        _check_hyper(self.lr, self.betas, self.eps, self.weight_decay)
+        _check_num_threads(self.num_threads)
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        # New states are kept only once the step has succeeded.
+        states = {i: self.state.get(i) or _fresh_state(self.params[i]) for i in idx}
+        _core.numpy_adam_step_many(
+            [self.params[i] for i in idx],
+            [grads[i] for i in idx],
+            [states[i]["exp_avg"] for i in idx],
+            [states[i]["exp_avg_sq"] for i in idx],
+            [states[i]["step"] + 1 for i in idx],
+            lr=float(self.lr),
+            beta1=float(self.betas[0]),
+            beta2=float(self.betas[1]),
+            eps=float(self.eps),
+            weight_decay=float(self.weight_decay),
+            weight_decouple=bool(self.weight_decouple),
+            absolute=bool(self.absolute),
+            optimized_update=bool(self.optimized_update),
+            num_threads=self.num_threads,
+        )
+        for i in idx:
+            states[i]["step"] += 1
+            self.state[i] = states[i]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state: ``{"state": {i: {"step", "exp_avg", "exp_avg_sq"}},
+        "hyperparams": {...}}``, with copies of the moment arrays."""
+        return {
+            "state": {
+                i: {
+                    "step": s["step"],
+                    "exp_avg": s["exp_avg"].copy(),
+                    "exp_avg_sq": s["exp_avg_sq"].copy(),
+                }
+                for i, s in self.state.items()
+            },
+            "hyperparams": {
+                "lr": self.lr,
+                "betas": tuple(self.betas),
+                "eps": self.eps,
+                "weight_decay": self.weight_decay,
+                "weight_decouple": self.weight_decouple,
+                "absolute": self.absolute,
+                "optimized_update": self.optimized_update,
+            },
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restores a :meth:`state_dict` (copied, and cast to each parameter's dtype).
+
+        Everything is checked before anything changes; ValueError names what does not fit.
+        """
+        if not isinstance(state_dict, Mapping) or not {"state", "hyperparams"} <= set(state_dict):
+            raise ValueError("state_dict must be a dict with 'state' and 'hyperparams' entries")
+        hyper = dict(state_dict["hyperparams"])
+        known = {
+            "lr",
+            "betas",
+            "eps",
+            "weight_decay",
+            "weight_decouple",
+            "absolute",
+            "optimized_update",
+        }
+        if set(hyper) != known:
+            raise ValueError(
+                f"state_dict['hyperparams'] must have the keys {sorted(known)}, got {sorted(hyper)}"
+            )
+        _check_hyper(hyper["lr"], hyper["betas"], hyper["eps"], hyper["weight_decay"])
+        state: dict[int, dict[str, Any]] = {}
+        for key, s in dict(state_dict["state"]).items():
+            i = _index(key, len(self.params))
+            p = self.params[i]
+            if not isinstance(s, Mapping) or set(s) != {"step", "exp_avg", "exp_avg_sq"}:
+                raise ValueError(
+                    f"state of parameter {i} must have the keys 'step', 'exp_avg' and 'exp_avg_sq'"
+                )
+            step = s["step"]
+            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+                raise ValueError(f"state of parameter {i}: step must be an int >= 0, got {step!r}")
+            loaded = {"step": int(step)}
+            for name in ("exp_avg", "exp_avg_sq"):
+                a = np.asarray(s[name])
+                if a.shape != p.shape:
+                    raise ValueError(
+                        f"state of parameter {i}: {name} has shape {a.shape} but the parameter "
+                        f"has shape {p.shape}"
+                    )
+                loaded[name] = np.array(a, dtype=p.dtype, order="C", copy=True)
+            state[i] = loaded
+        self.lr = hyper["lr"]
+        self.betas = tuple(hyper["betas"])
+        self.eps = hyper["eps"]
+        self.weight_decay = hyper["weight_decay"]
+        self.weight_decouple = hyper["weight_decouple"]
+        self.absolute = hyper["absolute"]
+        self.optimized_update = hyper["optimized_update"]
+        self.state = state
+
+
+def _check_param(p: Any, name: str) -> None:
+    if not isinstance(p, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, not {type(p).__name__}")
+    if p.dtype not in _FLOATS:
+        raise TypeError(f"{name} has dtype {p.dtype}; rustadam.numpy takes float32 and float64")
+    if not p.flags.c_contiguous:
+        raise ValueError(f"{name} is not C-contiguous; it is updated in place")
+    if not p.flags.writeable:
+        raise ValueError(f"{name} is read-only (its WRITEABLE flag is off)")
+
+
+def _fresh_state(p: np.ndarray) -> dict[str, Any]:
+    return {"step": 0, "exp_avg": np.zeros_like(p), "exp_avg_sq": np.zeros_like(p)}
+
+
+def _index(key: Any, n: int) -> int:
+    """A state key (an int, or its decimal string after a JSON round trip) as a parameter index."""
+    try:
+        i = int(key) if isinstance(key, str) else operator.index(key)
+    except (TypeError, ValueError):
+        raise ValueError(f"state_dict['state'] key {key!r} is not a parameter index") from None
+    if not 0 <= i < n:
+        raise ValueError(f"state_dict has state for parameter {i} but the optimizer has {n}")
+    return i
