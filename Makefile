@@ -35,15 +35,16 @@ demo: $(BUILT) ## Train an MLP on scikit-learn's digits with rustadam and torch.
 
 test: test-rust test-python ## Run every test: cargo test, then pytest
 
-test-rust: ## Rust unit, integration and doc tests
-	cargo test --workspace
+test-rust: ## Rust unit, integration and doc tests (the serde feature included)
+	cargo test --workspace --all-features
 
 test-python: $(BUILT) ## pytest against the float64 oracle and torch.optim
 	$(PY) -m pytest
 
-lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, ruff check and format --check
+lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, rustdoc -D warnings, ruff check and format --check
 	cargo fmt --all --check
-	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets --all-features -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p rustadam --all-features
 	$(VENV)/bin/ruff check python tests
 	$(VENV)/bin/ruff format --check python tests
 

@@ -8,6 +8,7 @@ stored dtype (bfloat16 and float16, as SPEC.md's numerical notes say they are co
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -134,16 +135,23 @@ def within(got: np.ndarray, want: np.ndarray, tol: np.ndarray) -> bool:
     return bool(np.all(ok))
 
 
-def check_step(before, after, dtype, hp):
+def check_step(before, after, dtype, hp, backend):
     """`after` (either path) against the oracle run on `before`, with per-dtype tolerances."""
     p0, g, m0, v0, t = before
     p1, m1, v1 = after
     if dtype in HALF:
         # float32 computation, one rounding to the stored dtype: within one unit in its last place.
+        # The torch path runs SPEC's decoupled decay as its own in-place op, which stores (rounds)
+        # the decayed θ before the update: half a unit of θ before the step, on top.
+        extra = ulp(p0, dtype) if backend == "torch" and hp["mode"] != "l2" else 0.0
         op, om, ov, _ = oracle_step(p0, g, m0, v0, t, **hp, compute=np.dtype(np.float32))
-        for name, got, want in (("param", p1, op), ("exp_avg", m1, om), ("exp_avg_sq", v1, ov)):
+        for name, got, want, more in (
+            ("param", p1, op, extra),
+            ("exp_avg", m1, om, 0.0),
+            ("exp_avg_sq", v1, ov, 0.0),
+        ):
             rounded = as_real64(torch.from_numpy(np.asarray(want, dtype=np.float32)).to(dtype))
-            assert within(got, rounded, ulp(rounded, dtype)), (name, got, rounded)
+            assert within(got, rounded, ulp(rounded, dtype) + more), (name, got, rounded)
         return
     op, om, ov, (m_mag, v_mag, step_mag) = oracle_step(
         p0, g, m0, v0, t, **hp, compute=np.dtype(np.float64)
@@ -184,7 +192,7 @@ def run_and_check(shape, dtype, layout, hp, steps, seed, backend="rust"):
         assert state["step"] == t
         after = (as_real64(param), as_real64(state["exp_avg"]), as_real64(state["exp_avg_sq"]))
         args = {k: hp[k] for k in ("lr", "betas", "eps", "wd", "mode", "optimized")}
-        check_step(before, after, dtype, args)
+        check_step(before, after, dtype, args, backend)
     # Stepping in place: the user's tensor keeps its layout and what it aliases.
     assert param.stride() == strides_before
     return param, opt
@@ -203,7 +211,13 @@ hyper = st.fixed_dictionaries(
 shapes = st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized so CI is reproducible; RUSTADAM_PROPERTY_EXAMPLES=5000 searches wider by hand.
+@settings(
+    max_examples=int(os.environ.get("RUSTADAM_PROPERTY_EXAMPLES", "300")),
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     shape=shapes,
     dtype=st.sampled_from(DTYPES),

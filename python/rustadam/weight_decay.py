@@ -50,14 +50,29 @@ class WeightDecay:
             if self.absolute:
                 param.data.mul_(1.0 - group["weight_decay"])
             else:
-                param.data.mul_(1.0 - group["lr"] * group["weight_decay"])
+                # float(): a tensor lr must give the float64 factor a float lr gives.
+                param.data.mul_(1.0 - float(group["lr"]) * group["weight_decay"])
             return grad
         if group["weight_decay"] != 0:
+            if grad.is_floating_point() and grad.element_size() == 2:
+                # Computed in float32 like the rest of a 16-bit step (never rounded to 16 bits).
+                return grad.float().add_(param.data.float(), alpha=group["weight_decay"])
             return grad.add(param.data, alpha=group["weight_decay"])
         return grad
 
+    def _key(self) -> tuple[float, bool, bool]:
+        return (self.weight_decay, self.weight_decouple, self.absolute)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WeightDecay) or type(other) is not type(self):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._key()))
+
     def __repr__(self) -> str:
         return (
-            f"WeightDecay(weight_decay={self.weight_decay}, "
+            f"{type(self).__name__}(weight_decay={self.weight_decay}, "
             f"weight_decouple={self.weight_decouple}, absolute={self.absolute})"
         )
