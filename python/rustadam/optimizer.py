@@ -71,6 +71,25 @@ class Adam(Optimizer):
     the eager step to rounding; ``step`` counts are Python ints, so Dynamo recompiles once when
     they first change.
 
+    ``torch.distributed``: DDP (also with ``gradient_as_bucket_view=True``) and
+    ``ZeroRedundancyOptimizer(params, optimizer_class=Adam, ...)`` need nothing special. Under
+    FSDP2 (``fully_shard``) parameters and gradients are DTensors; the state is created with
+    ``zeros_like`` and so is a DTensor sharded like its parameter, and the Rust core steps each
+    rank's local shards (``to_local()``), uneven or empty ones included. A DTensor whose gradient
+    or state is placed differently is stepped with torch's ops on the DTensors (``backend="rust"``
+    raises instead).
+
+    ``torch.distributed.checkpoint``: ``get_state_dict`` / ``set_state_dict`` initialise an
+    optimizer without state by one ``step()`` with zero gradients and lr = 0, as for every torch
+    optimizer. Afterwards t = 1 for every parameter (a later step uses t = 2, as
+    ``torch.optim.Adam`` does), and the parameters are unchanged without weight decay, with L2
+    (its gradient λ·θ only fills the moments: m = (1−β1)·λθ, v = (1−β2)·(λθ)²) and with decoupled
+    decay (factor 1 − 0·λ = 1). Absolute decay does not involve α, so that step multiplies every
+    parameter by (1 − λ) once. Loading a checkpoint that holds the model too is unaffected: the
+    model's saved values overwrite the parameters after that step. Only ``get_state_dict`` on an
+    optimizer that has never stepped (to save before training, say) leaves them decayed; call it
+    after the first ``step()`` there, since an optimizer with state is not stepped again.
+
     Example:
         >>> import torch
         >>> from rustadam import Adam, WeightDecay
