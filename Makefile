@@ -7,9 +7,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Reinstalled when the requirements change; reused otherwise.
 DEPS := $(VENV)/.deps-installed
-# The extension is rebuilt when any Rust or packaging file changes.
+# The extension is rebuilt when a Rust or packaging file changes; the Python sources are
+# installed editable, so they need no rebuild.
 BUILT := $(VENV)/.rustadam-built
-SOURCES := $(shell find crates python -type f \( -name '*.rs' -o -name '*.toml' -o -name '*.py' -o -name '*.pyi' \) 2>/dev/null) Cargo.toml pyproject.toml
+SOURCES := $(shell find crates -type f \( -name '*.rs' -o -name '*.toml' \) 2>/dev/null) Cargo.toml Cargo.lock pyproject.toml
 
 .PHONY: help venv build demo test test-rust test-python lint fmt bench clean
 
@@ -36,7 +37,7 @@ demo: $(BUILT) ## Train an MLP on scikit-learn's digits with rustadam and torch.
 test: test-rust test-python ## Run every test: cargo test, then pytest
 
 test-rust: ## Rust unit, integration and doc tests (the serde feature included)
-	cargo test --workspace --all-features
+	cargo test --workspace --all-features --release
 
 test-python: $(BUILT) ## pytest against the float64 oracle and torch.optim
 	$(PY) -m pytest
