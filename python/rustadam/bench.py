@@ -548,6 +548,18 @@ def notes(done: Sequence[CaseResult], warmup: int, info: dict[str, Any]) -> list
                 else "."
             )
         )
+    over = [
+        f"({cr.case.key}) {r.name}"
+        for cr in done
+        for r in cr.results
+        if r.name != ROOFLINE and cr.ratio(ROOFLINE, r.name) > 1.0
+    ]
+    if over:
+        out.append(
+            f"Above 100% of the roofline: {', '.join(over)}. The roofline and the contenders "
+            "are measured one after the other, so a change in the machine's load between "
+            "them shows up in the share."
+        )
     if any(r.capped for cr in done for r in cr.results):
         out.append(
             f"† slow contender on a large case: {CAPPED_STEPS} measured steps after "
