@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -327,3 +328,31 @@ def test_dcp_state_initialisation_matches_torch(mode: str) -> None:
         assert opt.state[p]["step"] == int(ref.state[q]["step"]) == 3
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
+
+
+# ---- the example ---------------------------------------------------------------------------
+
+
+def test_example_trains_and_checkpoints_under_torchrun(tmp_path: Path) -> None:
+    """examples/distributed.py as the README launches it (torchrun, 2 processes)."""
+    example = Path(__file__).parents[1] / "examples" / "distributed.py"
+    ckpt = tmp_path / "checkpoint"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        str(example), "--steps", "4", "--save-every", "2", "--checkpoint-dir", str(ckpt),
+    ]  # fmt: skip
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": _loopback_interface(), "OMP_NUM_THREADS": "1"}
+    # Its own session, so a hung run is ended with everything torchrun started.
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    assert "[rustadam] saved step 4" in text, text[-4000:]
+    assert (ckpt / ".metadata").is_file()
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
