@@ -374,3 +374,26 @@ def test_paths_agree_bit_for_bit_where_the_operations_are_the_same(dtype):
         assert ((p - q).abs() <= tol).all()
     else:
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("backend", ["auto", "rust", "torch"])
+def test_conjugate_view_param_is_an_error_naming_it(backend):
+    p = torch.randn(3, dtype=torch.complex64).conj()
+    p.grad = torch.randn(3, dtype=torch.complex64)
+    before = p.resolve_conj().clone()
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\].*conjugate view"):
+        Adam([p], backend=backend).step()
+    assert torch.equal(p.resolve_conj(), before)
+
+
+def test_conjugate_view_gradient_is_read_as_its_values():
+    p, q = torch.randn(4, dtype=torch.complex64), None
+    q = p.clone()
+    g = torch.randn(4, dtype=torch.complex64)
+    p.grad, q.grad = g.conj(), g.conj().resolve_conj()
+    for backend in ("auto", "torch"):
+        a, b = p.clone(), q.clone()
+        a.grad, b.grad = p.grad, q.grad
+        Adam([a], backend=backend).step()
+        Adam([b], backend=backend).step()
+        assert torch.equal(a, b), backend

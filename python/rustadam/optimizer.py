@@ -155,7 +155,7 @@ class Adam(Optimizer):
         """
         beta1, beta2 = group["betas"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        mr, vr, g = _real(m), _real(v), _real(grad)
+        mr, vr, g = _real(m), _real(v), _real(grad.resolve_conj())
         m32, v32, g32 = _f32(mr), _f32(vr), _f32(g)
         m32.mul_(beta1).add_(g32, alpha=1 - beta1)
         v32.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
@@ -249,6 +249,7 @@ class Adam(Optimizer):
             if grad is None:
                 continue
             _check_not_aliased(gi, group, i, param, grad)
+            _check_writable(gi, group, i, param)
             if grad.dtype != param.dtype and not self._per_param_methods():
                 # The base math would cast it silently; an override may mean to handle it.
                 raise RuntimeError(
@@ -340,6 +341,7 @@ class Adam(Optimizer):
         for k in done:
             states[k]["step"] = steps[k]
         for k in sorted(set(range(len(states))) - done):
+            _check_writable(gi, group, positions[k], params[k])
             self.step_param(states[k], group, grads[k], params[k])
 
     def _refuse(
@@ -642,6 +644,15 @@ def _check_not_aliased(
     if p0 < g1 and g0 < p1:
         raise RuntimeError(
             f"{_name(gi, group, i, param)}: its gradient shares memory with the parameter"
+        )
+
+
+def _check_writable(gi: int, group: dict[str, Any], i: int, param: torch.Tensor) -> None:
+    """A conjugate view stores the conjugate: stepping it in place cannot be right."""
+    if param.is_complex() and param.is_conj():
+        raise RuntimeError(
+            f"{_name(gi, group, i, param)}: it is a conjugate view (is_conj() is set); "
+            "step a resolved tensor (param.resolve_conj()) instead"
         )
 
 
