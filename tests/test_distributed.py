@@ -228,6 +228,53 @@ def test_fsdp2_cpu_offload_steps_on_the_rust_core(fsdp_results: list[dict[str, A
         assert r["offload-rust"]["devices"] == {"cpu"}
 
 
+# ---- DTensors the core cannot step shard by shard, in one process --------------------------
+
+
+@pytest.fixture
+def mesh_of_one() -> Any:
+    """A 1-process gloo group (in-memory store) and its CPU mesh, destroyed afterwards."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_with_differently_placed_gradient(mesh_of_one: Any) -> None:
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(3)
+    values, grads = torch.randn(4, 3, generator=g), [torch.randn(4, 3, generator=g) for _ in "ab"]
+
+    def dparam(backend: str) -> tuple[torch.nn.Parameter, Adam]:
+        p = torch.nn.Parameter(distribute_tensor(values.clone(), mesh_of_one, [Shard(0)]))
+        return p, Adam([p], lr=w.LR, weight_decay=WeightDecay(0.1), backend=backend)
+
+    # A Replicate gradient for a Shard(0) parameter: torch's ops on the DTensors step it.
+    p, opt = dparam("auto")
+    q = torch.nn.Parameter(values.clone())
+    ref = Adam([q], lr=w.LR, weight_decay=WeightDecay(0.1))
+    for grad in grads:
+        p.grad = distribute_tensor(grad, mesh_of_one, [Replicate()])
+        q.grad = grad.clone()
+        opt.step()
+        ref.step()
+    assert opt.state[p]["exp_avg"].placements == p.placements
+    torch.testing.assert_close(p.full_tensor(), q.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(opt.state[p]["exp_avg"].full_tensor(), ref.state[q]["exp_avg"])
+
+    # backend="rust" refuses it, naming the parameter, and changes nothing.
+    p, opt = dparam("rust")
+    p.grad = distribute_tensor(grads[0], mesh_of_one, [Replicate()])
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\].*sharded like it"):
+        opt.step()
+    assert torch.equal(p.full_tensor(), values)
+
+
 # ---- distributed checkpoint ----------------------------------------------------------------
 
 

@@ -289,6 +289,7 @@ class Adam(Optimizer):
                             "core: its gradient and state are not all DTensors sharded like it"
                         )
                     # torch's ops on the DTensors redistribute where needed.
+                    _check_writable(gi, group, i, param)
                     self.step_param(state, group, grad, param)
                     continue
                 bufs = local
