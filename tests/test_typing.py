@@ -23,6 +23,10 @@ def stub_functions() -> dict[str, ast.FunctionDef]:
     return {n.name: n for n in STUB.body if isinstance(n, ast.FunctionDef)}
 
 
+def stub_classes() -> set[str]:
+    return {n.name for n in STUB.body if isinstance(n, ast.ClassDef)}
+
+
 def stub_variables() -> set[str]:
     """Names the stub declares as module attributes (``name: type``); plain assignments are
     the stub's own type aliases."""
@@ -38,7 +42,7 @@ def runtime_names() -> set[str]:
 
 
 def test_stub_declares_exactly_the_module_names() -> None:
-    declared = set(stub_functions()) | stub_variables()
+    declared = set(stub_functions()) | stub_variables() | stub_classes()
     missing, extra = runtime_names() - declared, declared - runtime_names()
     assert not missing, f"rustadam._core has {sorted(missing)}, which _core.pyi lacks"
     assert not extra, f"_core.pyi declares {sorted(extra)}, which rustadam._core lacks"

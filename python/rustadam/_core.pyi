@@ -36,6 +36,18 @@ RejectionKind = Literal["layout", "unsupported", "fatal"]
 Rejection = tuple[int, str, RejectionKind]
 """``(index into the argument lists, reason in words, kind)``."""
 
+class TensorCache:
+    """Metadata of the parameters and states a group passed to :func:`adam_step` last time.
+
+    Pass the same cache for the same group at every step: a tensor seen before (the same object
+    with the same data pointer) is not read again attribute by attribute. A parameter whose
+    checks fail on remembered metadata is read again before anything is decided; tensors a call
+    does not pass are forgotten. Gradients are never remembered.
+    """
+
+    def __init__(self) -> None: ...
+    def __len__(self) -> int: ...
+
 def adam_step(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -54,6 +66,7 @@ def adam_step(
     num_threads: int,
     strict: bool = False,
     simd: Optional[Literal["portable", "avx2", "avx512"]] = None,
+    cache: Optional[TensorCache] = None,
 ) -> tuple[bool, list[Rejection]]:
     """One fused Adam step over the CPU tensors of a parameter group, in place.
 

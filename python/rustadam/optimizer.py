@@ -317,7 +317,7 @@ class Adam(Optimizer):
         }
         strict = self.backend == "rust"
         ran, rejected = _core.adam_step(
-            core_p, core_g, core_m, core_v, steps, strict=strict, **hyper
+            core_p, core_g, core_m, core_v, steps, strict=strict, cache=self._cache(gi), **hyper
         )
         if not ran:
             self._refuse(gi, group, positions, params, rejected[0])
@@ -344,6 +344,14 @@ class Adam(Optimizer):
         for k in sorted(set(range(len(states))) - done):
             _check_writable(gi, group, positions[k], params[k])
             self.step_param(states[k], group, grads[k], params[k])
+
+    def _cache(self, gi: int) -> _core.TensorCache:
+        """The group's remembered tensor metadata (private: not copied, pickled or saved)."""
+        caches = self.__dict__.setdefault("_core_caches", {})
+        cache = caches.get(gi)
+        if cache is None:
+            cache = caches[gi] = _core.TensorCache()
+        return cache
 
     def _refuse(
         self,

@@ -7,6 +7,7 @@
 
 mod numpy_api;
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use pyo3::exceptions::PyValueError;
@@ -301,17 +302,148 @@ unsafe fn refs<'a, E>(e: &Entry) -> TensorRefs<'a, E> {
     }
 }
 
+/// Metadata of the parameters and states a group passed last time, so that a step need not
+/// read every attribute of every tensor again.
+///
+/// An entry is used only for the same Python object with the same data pointer; it holds a
+/// reference to the object, so the object's address cannot be reused while the entry lives.
+/// A parameter whose checks fail on remembered metadata is read again from its tensors before
+/// anything is decided, and entries a call does not see are dropped.
+#[pyclass(module = "rustadam._core")]
+#[derive(Default)]
+struct TensorCache {
+    entries: HashMap<usize, Cached>,
+    generation: u64,
+}
+
+struct Cached {
+    _tensor: Py<PyAny>,
+    view: View,
+    generation: u64,
+}
+
+#[pymethods]
+impl TensorCache {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many tensors it remembers.
+    fn __len__(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// `view`, through the cache when one is given; also says whether the answer was remembered.
+fn view_cached(
+    t: &Bound<'_, PyAny>,
+    th: &Torch,
+    cache: Option<&mut TensorCache>,
+) -> PyResult<(Result<View, Refusal>, bool)> {
+    let Some(c) = cache else {
+        return Ok((view(t, th)?, false));
+    };
+    let key = t.as_ptr() as usize;
+    let generation = c.generation;
+    if let Some(e) = c.entries.get_mut(&key) {
+        let ptr: usize = t.call_method0(intern!(t.py(), "data_ptr"))?.extract()?;
+        if ptr == e.view.ptr {
+            e.generation = generation;
+            return Ok((Ok(e.view.clone()), true));
+        }
+    }
+    let fresh = view(t, th)?;
+    match &fresh {
+        Ok(v) => {
+            c.entries.insert(
+                key,
+                Cached {
+                    _tensor: t.clone().unbind(),
+                    view: v.clone(),
+                    generation,
+                },
+            );
+        }
+        Err(_) => {
+            c.entries.remove(&key);
+        }
+    }
+    Ok((fresh, false))
+}
+
+/// Reads one parameter's four buffers and checks them against each other. The flag says
+/// whether any buffer's metadata came from the cache.
+fn read_entry(
+    i: usize,
+    tensors: &[&Bound<'_, PyAny>; 4],
+    step: u64,
+    th: &Torch,
+    mut cache: Option<&mut TensorCache>,
+) -> PyResult<(bool, Result<Entry, Rejection>)> {
+    let mut bufs: Vec<View> = Vec::with_capacity(4);
+    let mut remembered = false;
+    for (b, t) in tensors.iter().enumerate() {
+        // Gradients are not remembered: holding one would keep it alive after zero_grad().
+        let (v, hit) = if b == 1 {
+            (view(t, th)?, false)
+        } else {
+            view_cached(t, th, cache.as_deref_mut())?
+        };
+        remembered |= hit;
+        let (why, kind) = match v {
+            Ok(v) => {
+                bufs.push(v);
+                continue;
+            }
+            Err(Refusal::Layout(why)) => (why, LAYOUT),
+            Err(Refusal::Unsupported(why)) => (why, UNSUPPORTED),
+        };
+        let why = format!("{}: {why}", BUFFER_NAMES[b]);
+        return Ok((remembered, Err((i, why, kind))));
+    }
+    let p = &bufs[0];
+    let same_type = |v: &View| (v.dtype, v.complex) == (p.dtype, p.complex);
+    if let Some(b) = (1..4).find(|&b| !same_type(&bufs[b])) {
+        // A gradient of another dtype would be cast silently by torch ops: refuse it.
+        let kind = if b == 1 { FATAL } else { UNSUPPORTED };
+        let why = format!("{} has another dtype than param", BUFFER_NAMES[b]);
+        return Ok((remembered, Err((i, why, kind))));
+    }
+    if let Some(b) = (1..4).find(|&b| bufs[b].shape != p.shape) {
+        let why = format!(
+            "{} has shape {:?} but param has {:?}",
+            BUFFER_NAMES[b], bufs[b].shape, p.shape
+        );
+        return Ok((remembered, Err((i, why, FATAL))));
+    }
+    if let Some(b) = (1..4).find(|&b| bufs[b].strides != p.strides) {
+        let why = format!(
+            "{} is laid out in memory differently from param",
+            BUFFER_NAMES[b]
+        );
+        return Ok((remembered, Err((i, why, LAYOUT))));
+    }
+    let bufs: [View; 4] = bufs.try_into().expect("four buffers");
+    Ok((
+        remembered,
+        Ok(Entry {
+            index: i,
+            bufs,
+            step,
+        }),
+    ))
+}
+
 /// Reads and checks every parameter's four buffers: the entries the core can take, and the
 /// rejections. `ok` is false when nothing may run (a fatal rejection, or an unsupported one
 /// under `strict`); the rejections are then just those.
 fn collect(
     py: Python<'_>,
-    params: &[Bound<'_, PyAny>],
-    grads: &[Bound<'_, PyAny>],
-    exp_avgs: &[Bound<'_, PyAny>],
-    exp_avg_sqs: &[Bound<'_, PyAny>],
+    [params, grads, exp_avgs, exp_avg_sqs]: [&[Bound<'_, PyAny>]; 4],
     steps: &[u64],
     strict: bool,
+    cache: Option<&mut TensorCache>,
 ) -> PyResult<(Vec<Entry>, Vec<Rejection>, bool)> {
     let n = params.len();
     if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()]
@@ -323,63 +455,32 @@ fn collect(
         ));
     }
     let th = torch(py)?;
+    let mut cache = cache;
+    if let Some(c) = cache.as_deref_mut() {
+        c.generation += 1;
+    }
 
     let mut rejected: Vec<Rejection> = Vec::new();
     let mut entries: Vec<Entry> = Vec::with_capacity(n);
-    'params: for i in 0..n {
-        let mut bufs: Vec<View> = Vec::with_capacity(4);
-        for (b, t) in [&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]]
-            .into_iter()
-            .enumerate()
-        {
-            let (why, kind) = match view(t, th)? {
-                Ok(v) => {
-                    bufs.push(v);
-                    continue;
-                }
-                Err(Refusal::Layout(why)) => (why, LAYOUT),
-                Err(Refusal::Unsupported(why)) => (why, UNSUPPORTED),
-            };
-            rejected.push((i, format!("{}: {why}", BUFFER_NAMES[b]), kind));
-            continue 'params;
+    for i in 0..n {
+        let tensors = [&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]];
+        let mut read = read_entry(i, &tensors, steps[i], th, cache.as_deref_mut())?;
+        if let (Err(_), true, Some(c)) = (&read.1, read.0, cache.as_deref_mut()) {
+            // A check failed on remembered metadata: judge the tensors as they are now.
+            for t in tensors {
+                c.entries.remove(&(t.as_ptr() as usize));
+            }
+            read = read_entry(i, &tensors, steps[i], th, Some(c))?;
         }
-        let p = &bufs[0];
-        let same_type = |v: &View| (v.dtype, v.complex) == (p.dtype, p.complex);
-        if let Some(b) = (1..4).find(|&b| !same_type(&bufs[b])) {
-            // A gradient of another dtype would be cast silently by torch ops: refuse it.
-            let kind = if b == 1 { FATAL } else { UNSUPPORTED };
-            let why = format!("{} has another dtype than param", BUFFER_NAMES[b]);
-            rejected.push((i, why, kind));
-            continue;
+        match read.1 {
+            Ok(e) => entries.push(e),
+            Err(r) => rejected.push(r),
         }
-        if let Some(b) = (1..4).find(|&b| bufs[b].shape != p.shape) {
-            rejected.push((
-                i,
-                format!(
-                    "{} has shape {:?} but param has {:?}",
-                    BUFFER_NAMES[b], bufs[b].shape, p.shape
-                ),
-                FATAL,
-            ));
-            continue;
-        }
-        if let Some(b) = (1..4).find(|&b| bufs[b].strides != p.strides) {
-            rejected.push((
-                i,
-                format!(
-                    "{} is laid out in memory differently from param",
-                    BUFFER_NAMES[b]
-                ),
-                LAYOUT,
-            ));
-            continue;
-        }
-        let bufs: [View; 4] = bufs.try_into().expect("four buffers");
-        entries.push(Entry {
-            index: i,
-            bufs,
-            step: steps[i],
-        });
+    }
+    if let Some(c) = cache {
+        // Forget tensors this call did not see, so the cache holds no tensor past its use.
+        let generation = c.generation;
+        c.entries.retain(|_, e| e.generation == generation);
     }
     let clashes = overlaps(&entries);
     if !clashes.is_empty() {
@@ -431,7 +532,7 @@ fn tensors(entries: &[Entry]) -> Vec<AnyTensor<'_>> {
 #[pyfunction]
 #[pyo3(signature = (
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
-    weight_decouple, absolute, optimized_update, num_threads, strict=false, simd=None
+    weight_decouple, absolute, optimized_update, num_threads, strict=false, simd=None, cache=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step(
@@ -452,6 +553,7 @@ fn adam_step(
     num_threads: usize,
     strict: bool,
     simd: Option<&str>,
+    cache: Option<Bound<'_, TensorCache>>,
 ) -> PyResult<(bool, Vec<Rejection>)> {
     let cfg = AdamConfig::default()
         .lr(lr)
@@ -470,8 +572,9 @@ fn adam_step(
         simd: simd.map(parse_simd).transpose()?,
         ..ExecOptions::default()
     };
-    let (entries, rejected, ok) =
-        collect(py, &params, &grads, &exp_avgs, &exp_avg_sqs, &steps, strict)?;
+    let mut cache = cache.as_ref().map(|c| c.borrow_mut());
+    let lists = [&params[..], &grads[..], &exp_avgs[..], &exp_avg_sqs[..]];
+    let (entries, rejected, ok) = collect(py, lists, &steps, strict, cache.as_deref_mut())?;
     if !ok {
         return Ok((false, rejected));
     }
@@ -494,8 +597,8 @@ fn roofline(
     num_threads: usize,
 ) -> PyResult<()> {
     let steps = vec![1; params.len()];
-    let (entries, rejected, _) =
-        collect(py, &params, &grads, &exp_avgs, &exp_avg_sqs, &steps, true)?;
+    let lists = [&params[..], &grads[..], &exp_avgs[..], &exp_avg_sqs[..]];
+    let (entries, rejected, _) = collect(py, lists, &steps, true, None)?;
     if let Some((i, why, _)) = rejected.first() {
         return Err(PyValueError::new_err(format!("tensor {i}: {why}")));
     }
@@ -531,6 +634,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_function(wrap_pyfunction!(roofline, m)?)?;
+    m.add_class::<TensorCache>()?;
     numpy_api::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

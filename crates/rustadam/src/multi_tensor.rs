@@ -80,11 +80,17 @@ const PARALLEL_MIN_ELEMS: usize = 1 << 15;
 impl Default for ExecOptions {
     fn default() -> Self {
         Self {
-            num_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            num_threads: available_parallelism(),
             simd: None,
             chunk_len: 1 << 16,
         }
     }
+}
+
+/// The machine's parallelism, asked once: the query reads cgroup files (tens of µs).
+fn available_parallelism() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// A contiguous piece of one tensor, with that tensor's coefficients.
