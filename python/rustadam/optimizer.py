@@ -270,17 +270,25 @@ class Adam(Optimizer):
         grads: list[torch.Tensor] = []
         states: list[dict[str, Any]] = []
         # What the core sees: the tensors themselves, or a DTensor's local shards.
-        buffers: list[tuple[torch.Tensor, ...]] = []
+        core_p: list[torch.Tensor] = []
+        core_g: list[torch.Tensor] = []
+        core_m: list[torch.Tensor] = []
+        core_v: list[torch.Tensor] = []
         dtensor = _dtensor_type()
+        strided = torch.strided
+        all_state = self.state
+        # One pass over the group; this loop is most of the per-parameter cost, so it stays flat.
         for i, param in enumerate(group["params"]):
-            grad = self._grad(gi, group, i, param)
+            grad = param.grad
             if grad is None:
                 continue
-            state = self.state[param]
-            if len(state) == 0:
+            if grad.layout is not strided:
+                self._grad(gi, group, i, param)  # raises the sparse-gradient error
+            state = all_state[param]
+            if not state:
                 self.init_state(state, group, param)
             bufs = (param, grad, state["exp_avg"], state["exp_avg_sq"])
-            if dtensor is not None and any(isinstance(t, dtensor) for t in bufs):
+            if dtensor is not None and (isinstance(param, dtensor) or isinstance(grad, dtensor)):
                 local = _local_shards(dtensor, bufs)
                 if local is None:
                     if self.backend == "rust":
@@ -297,13 +305,15 @@ class Adam(Optimizer):
             params.append(param)
             grads.append(grad)
             states.append(state)
-            buffers.append(bufs)
+            core_p.append(bufs[0])
+            core_g.append(bufs[1])
+            core_m.append(bufs[2])
+            core_v.append(bufs[3])
         if not params:
             return
         steps = [s["step"] + 1 for s in states]
         beta1, beta2 = group["betas"]
         wd = self.weight_decay
-        core_p, core_g, core_m, core_v = (list(c) for c in zip(*buffers))
         hyper = {
             "lr": float(group["lr"]),
             "beta1": float(beta1),

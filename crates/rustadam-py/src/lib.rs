@@ -151,6 +151,12 @@ fn view(t: &Bound<'_, PyAny>, th: &Torch) -> PyResult<Result<View, Refusal>> {
         strides,
     };
     if numel > 0 {
+        if ptr == 0 {
+            // A DTensor or a tensor whose storage was freed: no memory of its own to step.
+            return Ok(Err(Unsupported(
+                "it has no data of its own (data_ptr() is 0)".into(),
+            )));
+        }
         if !is_dense_non_overlapping(&v) {
             return Ok(Err(Layout(format!(
                 "its memory is not dense and non-overlapping (shape {:?}, strides {:?})",
@@ -158,9 +164,9 @@ fn view(t: &Bound<'_, PyAny>, th: &Torch) -> PyResult<Result<View, Refusal>> {
                 &all_strides[..all_strides.len() - complex as usize]
             ))));
         }
-        if ptr == 0 || !ptr.is_multiple_of(dtype.size()) {
+        if !ptr.is_multiple_of(dtype.size()) {
             return Ok(Err(Unsupported(format!(
-                "its data pointer {ptr:#x} is null or misaligned"
+                "its data pointer {ptr:#x} is misaligned"
             ))));
         }
     }
