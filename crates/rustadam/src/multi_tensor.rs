@@ -215,11 +215,7 @@ fn execute(
     if opts.num_threads <= 1 || total < PARALLEL_MIN_ELEMS || jobs.len() < 2 {
         jobs.iter_mut().for_each(|j| j.run(level, work));
     } else {
-        pool(opts.num_threads)?.install(|| {
-            jobs.par_iter_mut()
-                .with_max_len(1)
-                .for_each(|j| j.run(level, work))
-        });
+        pool(opts.num_threads)?.install(|| jobs.par_iter_mut().for_each(|j| j.run(level, work)));
     }
     Ok(())
 }
