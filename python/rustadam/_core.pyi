@@ -67,14 +67,17 @@ def adam_step(
     strict: bool = False,
     simd: Optional[Literal["portable", "avx2", "avx512"]] = None,
     cache: Optional[TensorCache] = None,
+    pool: Optional[Literal["openmp", "rayon"]] = None,
 ) -> tuple[bool, list[Rejection]]:
     """One fused Adam step over the CPU tensors of a parameter group, in place.
 
     Entry ``i`` of the four tensor lists belongs to one parameter; ``steps[i]`` is its count t
     after this update (≥ 1). Hyper-parameters as in SPEC.md; ``weight_decay``,
     ``weight_decouple`` and ``absolute`` select the decay like ``WeightDecay``. The GIL is
-    released while the kernel runs on ``num_threads`` threads; ``simd`` forces a SIMD level
-    (default: the best of :func:`simd_levels`).
+    released while the kernel runs on ``num_threads`` threads of ``pool``: ``"openmp"`` (the
+    OpenMP runtime torch loaded, whose threads are still spinning after torch's last parallel
+    region) or ``"rayon"`` (the core's own); by default OpenMP where loaded, else rayon.
+    ``simd`` forces a SIMD level (default: the best of :func:`simd_levels`).
 
     Returns ``(ran, rejected)``: the parameters it left untouched, with why. When any is
     ``"fatal"``, or ``strict`` is set and any is ``"unsupported"``, nothing is written, ``ran``

@@ -16,10 +16,12 @@ elements; (c) the 148 parameter tensors of GPT-2 small (124,439,808 float32 elem
 (d) one bfloat16 tensor of 16M elements; (e) one float32 tensor of 1M (2^20) elements, which
 fits in the caches.
 
-Contenders, one after the other, each on fresh copies of the same initial parameters with the
-same gradients (freed before the next): ``rustadam.Adam`` with ``backend="auto"`` (the Rust
-core) and ``backend="torch"`` (the per-operation torch path), and ``torch.optim.Adam`` with
-``fused=True``, ``foreach=True`` and the for-loop (``foreach=False, fused=False``). All run the
+Contenders in turn, in three rounds (``--rounds``) that each measure a third of the steps, so a
+drift of the machine's memory bandwidth during the run reaches all of them; each on fresh copies
+of the same initial parameters with the same gradients (freed before the next):
+``rustadam.Adam`` with ``backend="auto"`` (the Rust core) and ``backend="torch"`` (the
+per-operation torch path), and ``torch.optim.Adam`` with ``fused=True``, ``foreach=True`` and
+the for-loop (``foreach=False, fused=False``). All run the
 same algorithm: torch's defaults (α = 1e-3, β = (0.9, 0.999), no weight decay), ε = 1e-8, and
 rustadam with ``optimized_update=False`` (the textbook form torch uses). Every contender and
 the roofline use ``torch.get_num_threads()`` threads (``--threads`` sets it). A contender that
@@ -322,29 +324,57 @@ def run_case(
     entries: Optional[list[Contender]] = None,
     seed: int = 0,
     log: Callable[[str], None] = lambda s: None,
+    rounds: int = 3,
 ) -> CaseResult:
-    """Measures the roofline and every contender on one case, one after the other."""
+    """Measures the roofline and every contender on one case.
+
+    The measured steps are split over ``rounds`` passes through all contenders (each pass sets a
+    contender up afresh and warms it up), so a drift in the machine's memory bandwidth or load
+    during the run reaches every contender alike instead of whichever ran at the time.
+    """
     gen = torch.Generator().manual_seed(seed)
     p0 = [torch.randn(s, generator=gen).to(case.dtype) for s in case.shapes]
     grads = [torch.randn(s, generator=gen).to(case.dtype) for s in case.shapes]
     n = case.steps if steps is None else steps
-    log(f"({case.key}) roofline")
     collect = case.numel >= M
-    results = [measure_roofline(p0, grads, threads, warmup, n, collect)]
-    for c in contenders(threads) if entries is None else entries:
-        capped = c.slow and case.large
-        log(f"({case.key}) {c.name}")
-        results.append(
-            measure(
-                c,
-                p0,
-                grads,
-                min(warmup, CAPPED_WARMUP) if capped else warmup,
-                min(n, CAPPED_STEPS) if capped else n,
-                capped,
-                collect,
+    entries = contenders(threads) if entries is None else entries
+    rounds = max(1, rounds)
+    merged: dict[str, Result] = {}
+
+    def add(r: Result) -> None:
+        m = merged.setdefault(r.name, Result(r.name, warmup=r.warmup, capped=r.capped))
+        m.times.extend(r.times)
+        m.error = m.error or r.error
+
+    for rnd in range(rounds):
+        # Round r measures its share of the steps; the rounds together measure them all.
+        def share(total: int, rnd: int = rnd) -> int:
+            return total // rounds + (1 if rnd < total % rounds else 0)
+
+        if share(n):
+            log(f"({case.key}) roofline, round {rnd + 1}/{rounds}")
+            add(measure_roofline(p0, grads, threads, warmup, share(n), collect))
+        for c in entries:
+            capped = c.slow and case.large
+            total = min(n, CAPPED_STEPS) if capped else n
+            if not share(total):
+                continue
+            log(f"({case.key}) {c.name}, round {rnd + 1}/{rounds}")
+            add(
+                measure(
+                    c,
+                    p0,
+                    grads,
+                    min(warmup, CAPPED_WARMUP) if capped else warmup,
+                    share(total),
+                    capped,
+                    collect,
+                )
             )
-        )
+    results = [merged[ROOFLINE]] + [merged[c.name] for c in entries]
+    for r in results:
+        if r.error is not None:
+            r.times = []
     del p0, grads
     if collect:
         gc.collect()
@@ -557,8 +587,8 @@ def notes(done: Sequence[CaseResult], warmup: int, info: dict[str, Any]) -> list
     if over:
         out.append(
             f"Above 100% of the roofline: {', '.join(over)}. The roofline and the contenders "
-            "are measured one after the other, so a change in the machine's load between "
-            "them shows up in the share."
+            "take turns, so a change in the machine's load between turns shows up in the "
+            "share."
         )
     if any(r.capped for cr in done for r in cr.results):
         out.append(
@@ -697,7 +727,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     )
     ap.add_argument("--cases", default=",".join(CASE_KEYS), help="comma-separated, from a,b,c,d,e")
     ap.add_argument("--steps", type=int, default=None, help="measured steps (default per case)")
-    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps (default 3)")
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps per round (default 3)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="passes through all contenders, each measuring its share of the steps (default 3)",
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes and 3 steps (smoke test)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     ap.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder")
@@ -737,6 +773,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.steps,
             args.warmup,
             log=lambda s: print(f"  measuring {s} ...", file=sys.stderr, flush=True),
+            rounds=args.rounds,
         )
         done.append(cr)
         print(case_heading(cr), flush=True)

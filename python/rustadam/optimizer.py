@@ -324,6 +324,8 @@ class Adam(Optimizer):
             "absolute": wd.absolute,
             "optimized_update": self.optimized_update,
             "num_threads": self._threads(),
+            # torch's OpenMP threads by default; RUSTADAM_THREAD_POOL=rayon for the core's own.
+            "pool": os.environ.get("RUSTADAM_THREAD_POOL") or None,
         }
         strict = self.backend == "rust"
         ran, rejected = _core.adam_step(

@@ -6,6 +6,7 @@
 //! caller's torch path.
 
 mod numpy_api;
+mod openmp;
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -538,7 +539,8 @@ fn tensors(entries: &[Entry]) -> Vec<AnyTensor<'_>> {
 #[pyfunction]
 #[pyo3(signature = (
     params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
-    weight_decouple, absolute, optimized_update, num_threads, strict=false, simd=None, cache=None
+    weight_decouple, absolute, optimized_update, num_threads, strict=false, simd=None, cache=None,
+    pool=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step(
@@ -560,6 +562,7 @@ fn adam_step(
     strict: bool,
     simd: Option<&str>,
     cache: Option<Bound<'_, TensorCache>>,
+    pool: Option<&str>,
 ) -> PyResult<(bool, Vec<Rejection>)> {
     let cfg = AdamConfig::default()
         .lr(lr)
@@ -576,6 +579,7 @@ fn adam_step(
     let opts = ExecOptions {
         num_threads,
         simd: simd.map(parse_simd).transpose()?,
+        fork_join: parse_pool(pool)?,
         ..ExecOptions::default()
     };
     let mut cache = cache.as_ref().map(|c| c.borrow_mut());
@@ -615,6 +619,23 @@ fn roofline(
     let mut tensors = tensors(&entries);
     py.detach(|| rustadam::roofline(&mut tensors, &opts))
         .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// The thread pool by name: "openmp" (torch's OpenMP threads), "rayon" (the core's own), or
+/// `None` for OpenMP where the process has it, else rayon.
+fn parse_pool(name: Option<&str>) -> PyResult<Option<rustadam::ForkJoin>> {
+    let openmp = openmp::fork_join as rustadam::ForkJoin;
+    match name {
+        None => Ok(openmp::available().then_some(openmp)),
+        Some("rayon") => Ok(None),
+        Some("openmp") if openmp::available() => Ok(Some(openmp)),
+        Some("openmp") => Err(PyValueError::new_err(
+            "thread pool 'openmp': no OpenMP runtime is loaded in this process",
+        )),
+        Some(other) => Err(PyValueError::new_err(format!(
+            "unknown thread pool {other:?}; expected 'openmp' or 'rayon'"
+        ))),
+    }
 }
 
 fn parse_simd(name: &str) -> PyResult<SimdLevel> {

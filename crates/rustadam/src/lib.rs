@@ -49,5 +49,5 @@ mod optimizer;
 pub use config::{AdamConfig, WeightDecay};
 pub use error::AdamError;
 pub use kernel::{Element, Real, SimdLevel, StepScalars};
-pub use multi_tensor::{roofline, step_tensors, AnyTensor, ExecOptions, TensorRefs};
+pub use multi_tensor::{roofline, step_tensors, AnyTensor, ExecOptions, ForkJoin, TensorRefs};
 pub use optimizer::{Adam, AdamState};

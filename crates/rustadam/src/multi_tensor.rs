@@ -1,5 +1,6 @@
 //! Many tensors per call: chunking and the thread pool.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use rayon::prelude::*;
@@ -63,8 +64,17 @@ macro_rules! with_refs {
     };
 }
 
-/// How a call runs: threads, SIMD level and chunk length. Results never depend on these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Runs a task on `n` threads at once and returns when every one has finished; the task may
+/// be started on fewer threads (it then does all the work on those).
+///
+/// The default is the crate's own rayon pool. A host with a thread pool of its own can pass
+/// one, so that two pools do not compete for the cores: the Python bindings pass torch's
+/// OpenMP runtime, whose threads still spin for a while after torch's last parallel region.
+pub type ForkJoin = fn(n: usize, task: &(dyn Fn() + Sync));
+
+/// How a call runs: threads, SIMD level, chunk length, thread pool. Results never depend on
+/// these.
+#[derive(Debug, Clone, Copy)]
 pub struct ExecOptions {
     /// Worker threads; 0 or 1 runs on the calling thread.
     pub num_threads: usize,
@@ -72,6 +82,21 @@ pub struct ExecOptions {
     pub simd: Option<SimdLevel>,
     /// Elements per chunk, the unit of work handed to a thread.
     pub chunk_len: usize,
+    /// The thread pool; `None` is the crate's rayon pool.
+    pub fork_join: Option<ForkJoin>,
+}
+
+impl PartialEq for ExecOptions {
+    fn eq(&self, other: &Self) -> bool {
+        let same_pool = match (self.fork_join, other.fork_join) {
+            (None, None) => true,
+            (Some(a), Some(b)) => std::ptr::fn_addr_eq(a, b),
+            _ => false,
+        };
+        (self.num_threads, self.simd, self.chunk_len)
+            == (other.num_threads, other.simd, other.chunk_len)
+            && same_pool
+    }
 }
 
 /// Below this many elements in a call, waking the pool costs more than it saves.
@@ -83,6 +108,7 @@ impl Default for ExecOptions {
             num_threads: available_parallelism(),
             simd: None,
             chunk_len: 1 << 16,
+            fork_join: None,
         }
     }
 }
@@ -110,6 +136,15 @@ enum Job<'a> {
 }
 
 impl Job<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Job::F32(c) => c.p.len(),
+            Job::F64(c) => c.p.len(),
+            Job::BF16(c) => c.p.len(),
+            Job::F16(c) => c.p.len(),
+        }
+    }
+
     fn run(&mut self, level: SimdLevel, work: Work) {
         match self {
             Job::F32(c) => kernel::run(level, work, &c.k, c.p, c.g, c.m, c.v),
@@ -214,10 +249,43 @@ fn execute(
     }
     if opts.num_threads <= 1 || total < PARALLEL_MIN_ELEMS || jobs.len() < 2 {
         jobs.iter_mut().for_each(|j| j.run(level, work));
+    } else if let Some(fork_join) = opts.fork_join {
+        // One contiguous run of chunks per thread, of about equal elements: each thread streams
+        // through its own stretch of memory. A thread takes the next unclaimed run until none is
+        // left, so all the work is done however many threads the pool really starts.
+        let parts = split_even(&mut jobs, opts.num_threads, total);
+        let next = AtomicUsize::new(0);
+        fork_join(opts.num_threads, &|| {
+            while let Some(part) = parts.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let mut part = part.lock().unwrap_or_else(|e| e.into_inner());
+                part.iter_mut().for_each(|j| j.run(level, work));
+            }
+        });
     } else {
         pool(opts.num_threads)?.install(|| jobs.par_iter_mut().for_each(|j| j.run(level, work)));
     }
     Ok(())
+}
+
+/// Splits the chunks into `n` contiguous runs of about `total / n` elements each.
+fn split_even<'j, 'a>(
+    mut jobs: &'j mut [Job<'a>],
+    n: usize,
+    total: usize,
+) -> Vec<Mutex<&'j mut [Job<'a>]>> {
+    let target = total.div_ceil(n.max(1)).max(1);
+    let mut parts = Vec::with_capacity(n);
+    while !jobs.is_empty() {
+        let (mut end, mut sum) = (0, 0);
+        while end < jobs.len() && (sum < target || end == 0) {
+            sum += jobs[end].len();
+            end += 1;
+        }
+        let (head, tail) = std::mem::take(&mut jobs).split_at_mut(end);
+        parts.push(Mutex::new(head));
+        jobs = tail;
+    }
+    parts
 }
 
 /// One pool per thread count, built on first use and kept: building one costs far more than a step.

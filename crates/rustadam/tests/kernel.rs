@@ -99,6 +99,7 @@ fn opts(threads: usize, simd: Option<SimdLevel>) -> ExecOptions {
         num_threads: threads,
         simd,
         chunk_len: CHUNK,
+        fork_join: None,
     }
 }
 
@@ -280,6 +281,7 @@ fn bit_identical_across_threads_chunks_and_simd_levels() {
                         num_threads: threads,
                         simd: Some(level),
                         chunk_len,
+                        fork_join: None,
                     };
                     assert!(
                         mixed_run(&o, &cfg) == reference,
@@ -424,6 +426,7 @@ where
                     num_threads: threads,
                     simd: Some(level),
                     chunk_len: 1000,
+                    fork_join: None,
                 };
                 step_tensors(&cfg, &mut [AnyTensor::from(refs)], &o).unwrap();
                 let got = [
@@ -448,4 +451,39 @@ fn bf16_computes_in_f32_and_rounds_once() {
 fn f16_computes_in_f32_and_rounds_once() {
     use rustadam::f16;
     half_matches_reference(f16::to_f32, f16::from_f32, f16::to_bits);
+}
+
+/// A host pool: `n` scoped threads each running the task.
+fn scoped_threads(n: usize, task: &(dyn Fn() + Sync)) {
+    std::thread::scope(|s| {
+        for _ in 0..n {
+            s.spawn(task);
+        }
+    });
+}
+
+/// A pool that starts fewer threads than asked for (as a nested OpenMP region does).
+fn one_thread(_n: usize, task: &(dyn Fn() + Sync)) {
+    task();
+}
+
+#[test]
+fn a_host_thread_pool_gives_the_same_bits() {
+    for cfg in configs() {
+        let reference = mixed_run(&opts(1, None), &cfg);
+        for pool in [scoped_threads as rustadam::ForkJoin, one_thread] {
+            for threads in [2, 3] {
+                let o = ExecOptions {
+                    num_threads: threads,
+                    simd: None,
+                    chunk_len: 17,
+                    fork_join: Some(pool),
+                };
+                assert!(
+                    mixed_run(&o, &cfg) == reference,
+                    "{threads} threads ({cfg:?})"
+                );
+            }
+        }
+    }
 }

@@ -1,0 +1,88 @@
+//! torch's OpenMP runtime as the core's thread pool.
+//!
+//! After a parallel region (the backward pass, say) torch's OpenMP threads keep spinning for a
+//! while before they sleep; a second pool started then competes with them for the cores. Running
+//! the step on the same OpenMP threads instead hands them the work they are waiting for.
+
+use std::ffi::{c_uint, c_void};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
+
+/// libgomp's entry for `#pragma omp parallel`: runs `f(data)` on a team of `num_threads`.
+type GompParallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
+
+#[cfg(target_os = "linux")]
+unsafe extern "C" {
+    fn dlsym(handle: *mut c_void, symbol: *const std::ffi::c_char) -> *mut c_void;
+}
+
+/// `GOMP_parallel` of the OpenMP runtime already loaded in the process (torch's), if any.
+fn gomp_parallel() -> Option<GompParallel> {
+    static FOUND: OnceLock<Option<GompParallel>> = OnceLock::new();
+    *FOUND.get_or_init(lookup)
+}
+
+#[cfg(target_os = "linux")]
+fn lookup() -> Option<GompParallel> {
+    // SAFETY: a null handle is RTLD_DEFAULT on Linux (glibc and musl): dlsym only searches the
+    // global symbol table for this NUL-terminated name.
+    let p = unsafe { dlsym(std::ptr::null_mut(), c"GOMP_parallel".as_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: GOMP_parallel has had this signature in the libgomp ABI since GCC 4.9, and the
+    // OpenMP runtimes that stand in for libgomp (LLVM's, Intel's) export it alike.
+    Some(unsafe { std::mem::transmute::<*mut c_void, GompParallel>(p) })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lookup() -> Option<GompParallel> {
+    None
+}
+
+/// Whether the process has an OpenMP runtime to run the step on.
+pub fn available() -> bool {
+    gomp_parallel().is_some()
+}
+
+struct Team<'a> {
+    task: &'a (dyn Fn() + Sync),
+    panicked: AtomicBool,
+}
+
+extern "C" fn run_member(data: *mut c_void) {
+    // SAFETY: `data` is the `Team` that `fork_join` passes to GOMP_parallel, which returns only
+    // after every member has returned, so the reference outlives this call.
+    let team = unsafe { &*(data as *const Team<'_>) };
+    // A panic must not unwind into C: record it and re-raise it on the calling thread.
+    if std::panic::catch_unwind(AssertUnwindSafe(team.task)).is_err() {
+        team.panicked.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A [`rustadam::ForkJoin`] on OpenMP threads; the task alone on this thread when none exists.
+pub fn fork_join(n: usize, task: &(dyn Fn() + Sync)) {
+    let Some(parallel) = gomp_parallel() else {
+        task();
+        return;
+    };
+    let team = Team {
+        task,
+        panicked: AtomicBool::new(false),
+    };
+    let threads = c_uint::try_from(n).unwrap_or(c_uint::MAX);
+    // SAFETY: `parallel` is GOMP_parallel (see `lookup`); `run_member` reads `team` only while
+    // this call runs, and GOMP_parallel returns after the whole team has finished.
+    unsafe {
+        parallel(
+            run_member,
+            &team as *const Team<'_> as *mut c_void,
+            threads,
+            0,
+        )
+    };
+    if team.panicked.load(Ordering::Relaxed) {
+        panic!("a thread of the OpenMP team panicked during the step");
+    }
+}

@@ -1,0 +1,66 @@
+"""The step on torch's OpenMP threads, on the core's own rayon pool and on one thread: the same
+bits every time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rustadam import Adam, WeightDecay, _core
+
+
+def run(pool: str | None, threads: int, monkeypatch) -> list[torch.Tensor]:
+    if pool is None:
+        monkeypatch.delenv("RUSTADAM_THREAD_POOL", raising=False)
+    else:
+        monkeypatch.setenv("RUSTADAM_THREAD_POOL", pool)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(300_000,), (257, 129), (7,), (0,), (40_000,)]
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.float32]
+    params = [torch.randn(s, generator=gen).to(d) for s, d in zip(shapes, dtypes)]
+    opt = Adam(params, num_threads=threads, weight_decay=WeightDecay(0.1), backend="rust")
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        opt.step()
+    return params + [opt.state[p][k] for p in params for k in ("exp_avg", "exp_avg_sq")]
+
+
+def test_pools_and_thread_counts_give_identical_bits(monkeypatch):
+    reference = run("rayon", 1, monkeypatch)
+    for pool in (None, "openmp", "rayon"):
+        for threads in (2, 3):
+            got = run(pool, threads, monkeypatch)
+            for a, b in zip(got, reference):
+                assert torch.equal(a, b), (pool, threads)
+
+
+def test_unknown_pool_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("RUSTADAM_THREAD_POOL", "tbb")
+    p = torch.zeros(3)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match='unknown thread pool "tbb"'):
+        Adam([p]).step()
+
+
+def test_openmp_runtime_is_found_once_torch_is_loaded():
+    # torch loads its OpenMP runtime with global symbols; the default pool is then OpenMP.
+    t = [torch.zeros(4)]
+    _core.adam_step(
+        t,
+        [torch.ones(4)],
+        [torch.zeros(4)],
+        [torch.zeros(4)],
+        [1],
+        lr=1e-3,
+        beta1=0.9,
+        beta2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        weight_decouple=True,
+        absolute=False,
+        optimized_update=True,
+        num_threads=2,
+        pool="openmp",
+    )
+    assert t[0][0] < 0
