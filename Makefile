@@ -59,7 +59,7 @@ bench: $(BUILT) ## Step time of rustadam against torch.optim.Adam (fused, foreac
 
 figures: $(BUILT) ## Regenerate the README's figures in docs/ with the demo and the benchmark
 	$(PY) -m rustadam.demo --out docs
-	$(PY) -m rustadam.bench --out docs
+	$(PY) -m rustadam.bench --out docs --steps 45
 
 clean: ## Remove build outputs (keeps .venv)
 	cargo clean
