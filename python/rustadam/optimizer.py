@@ -52,11 +52,14 @@ class Adam(Optimizer):
         optimized_update: which form of the bias correction to use (above).
         defaults: default group values for subclasses; extended with
             ``weight_decay.defaults()`` and ``lr``, ``betas``, ``eps``.
-        backend: ``"auto"`` (default) sends every CPU float32/float64 tensor the Rust core takes
-            to it in one call per group and steps the rest with torch ops; ``"rust"`` raises for a
-            tensor the core cannot take; ``"torch"`` uses torch ops only.
+        backend: ``"auto"`` (default) sends every CPU tensor the Rust core takes (float32,
+            float64, bfloat16, float16, complex64, complex128; any dense layout, other layouts as
+            dense copies written back) to it in one call per group and steps the rest (other
+            devices, DTensors placed unlike their parameter) with torch ops; ``"rust"`` raises for
+            a tensor the core cannot take; ``"torch"`` uses torch ops only.
         num_threads: threads of the Rust core; default ``RUSTADAM_NUM_THREADS`` if set, else
-            ``torch.get_num_threads()`` at each step. Results do not depend on it.
+            ``torch.get_num_threads()`` at each step. They are torch's OpenMP threads
+            (``RUSTADAM_THREAD_POOL=rayon``: the core's own pool). Results do not depend on it.
 
     Subclasses may override :meth:`init_state`, :meth:`get_mv`, :meth:`get_lr`,
     :meth:`adam_update` and :meth:`step_param`; ``step()`` then calls them per parameter, so the
