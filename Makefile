@@ -46,13 +46,13 @@ lint: $(DEPS) ## cargo fmt --check, clippy -D warnings, rustdoc -D warnings, ruf
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets --all-features -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p rustadam --all-features
-	$(VENV)/bin/ruff check python tests
-	$(VENV)/bin/ruff format --check python tests
+	$(VENV)/bin/ruff check python tests examples
+	$(VENV)/bin/ruff format --check python tests examples
 
 fmt: $(DEPS) ## Format Rust and Python sources
 	cargo fmt --all
-	$(VENV)/bin/ruff format python tests
-	$(VENV)/bin/ruff check --fix python tests
+	$(VENV)/bin/ruff format python tests examples
+	$(VENV)/bin/ruff check --fix python tests examples
 
 bench: $(BUILT) ## Step time of rustadam against torch.optim.Adam (fused, foreach, for-loop)
 	$(PY) -m rustadam.bench
