@@ -277,6 +277,7 @@ class Adam(Optimizer):
         core_g: list[torch.Tensor] = []
         core_m: list[torch.Tensor] = []
         core_v: list[torch.Tensor] = []
+        torch_path: list[tuple[int, dict[str, Any], torch.Tensor, torch.Tensor]] = []
         dtensor = _dtensor_type()
         strided = torch.strided
         all_state = self.state
@@ -299,9 +300,9 @@ class Adam(Optimizer):
                             f"rustadam.Adam cannot step {_name(gi, group, i, param)} on the Rust "
                             "core: its gradient and state are not all DTensors sharded like it"
                         )
-                    # torch's ops on the DTensors redistribute where needed.
-                    _check_writable(gi, group, i, param)
-                    self.step_param(state, group, grad, param)
+                    # torch's ops on the DTensors redistribute where needed; stepped after the
+                    # core's call, so an error the core raises leaves the whole group unchanged.
+                    torch_path.append((i, state, grad, param))
                     continue
                 bufs = local
             positions.append(i)
@@ -312,8 +313,25 @@ class Adam(Optimizer):
             core_g.append(bufs[1])
             core_m.append(bufs[2])
             core_v.append(bufs[3])
-        if not params:
-            return
+        if params:
+            core_bufs = (core_p, core_g, core_m, core_v)
+            self._step_on_core(gi, group, positions, params, grads, states, core_bufs)
+        for i, state, grad, param in torch_path:
+            _check_writable(gi, group, i, param)
+            self.step_param(state, group, grad, param)
+
+    def _step_on_core(
+        self,
+        gi: int,
+        group: dict[str, Any],
+        positions: list[int],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[dict[str, Any]],
+        core_bufs: tuple[list[torch.Tensor], ...],
+    ) -> None:
+        """One call of the core for the collected parameters; the torch path for what it left."""
+        core_p, core_g, core_m, core_v = core_bufs
         steps = [s["step"] + 1 for s in states]
         beta1, beta2 = group["betas"]
         wd = self.weight_decay
