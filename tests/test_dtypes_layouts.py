@@ -397,3 +397,10 @@ def test_conjugate_view_gradient_is_read_as_its_values():
         Adam([a], backend=backend).step()
         Adam([b], backend=backend).step()
         assert torch.equal(a, b), backend
+
+
+def test_a_bare_number_as_weight_decay_is_a_clear_error():
+    with pytest.raises(
+        TypeError, match=r"weight_decay must be a WeightDecay.*WeightDecay\(0\.01\)"
+    ):
+        Adam([torch.zeros(2)], weight_decay=0.01)

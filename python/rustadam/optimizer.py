@@ -130,6 +130,13 @@ class Adam(Optimizer):
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {_BACKENDS}")
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"Invalid num_threads: {num_threads!r}; expected an int >= 1")
+        if not (callable(weight_decay) and callable(getattr(weight_decay, "defaults", None))):
+            raise TypeError(
+                f"weight_decay must be a WeightDecay (or an object with __call__(param, grad, "
+                f"group) and defaults()), got {weight_decay!r}; for a coefficient write "
+                f"WeightDecay({weight_decay!r}) (decoupled) or "
+                f"WeightDecay({weight_decay!r}, weight_decouple=False) (L2)"
+            )
         defaults = {} if defaults is None else dict(defaults)
         defaults.update(weight_decay.defaults())
         defaults.update(lr=lr, betas=betas, eps=eps)
