@@ -564,18 +564,16 @@ fn adam_step(
     cache: Option<Bound<'_, TensorCache>>,
     pool: Option<&str>,
 ) -> PyResult<(bool, Vec<Rejection>)> {
-    let cfg = AdamConfig::default()
-        .lr(lr)
-        .betas(beta1, beta2)
-        .eps(eps)
-        .weight_decay(WeightDecay::from_flags(
-            weight_decay,
-            weight_decouple,
-            absolute,
-        ))
-        .optimized_update(optimized_update);
-    cfg.validate()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let cfg = config(
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        weight_decouple,
+        absolute,
+        optimized_update,
+    )?;
     let opts = ExecOptions {
         num_threads,
         simd: simd.map(parse_simd).transpose()?,
@@ -619,6 +617,33 @@ fn roofline(
     let mut tensors = tensors(&entries);
     py.detach(|| rustadam::roofline(&mut tensors, &opts))
         .map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+/// The hyper-parameters of a call, validated (both entry points, torch and numpy).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn config(
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+    weight_decouple: bool,
+    absolute: bool,
+    optimized_update: bool,
+) -> PyResult<AdamConfig> {
+    let cfg = AdamConfig::default()
+        .lr(lr)
+        .betas(beta1, beta2)
+        .eps(eps)
+        .weight_decay(WeightDecay::from_flags(
+            weight_decay,
+            weight_decouple,
+            absolute,
+        ))
+        .optimized_update(optimized_update);
+    cfg.validate()
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(cfg)
 }
 
 /// The thread pool by name: "openmp" (torch's OpenMP threads), "rayon" (the core's own), or

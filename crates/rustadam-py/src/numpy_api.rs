@@ -7,13 +7,14 @@
 //! arrays and any array passed twice where one of the uses writes, before anything is written.
 //! The kernel runs with the GIL released.
 
+use crate::config;
 use numpy::prelude::*;
 use numpy::{
     dtype, BorrowError, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use rustadam::{AdamConfig, AnyTensor, ExecOptions, TensorRefs, WeightDecay};
+use rustadam::{AdamConfig, AnyTensor, ExecOptions, TensorRefs};
 
 /// The arguments' names, in the order a parameter's arrays are checked and borrowed.
 const NAMES: [&str; 4] = ["param", "grad", "exp_avg", "exp_avg_sq"];
@@ -193,33 +194,6 @@ fn refs<'a, T: numpy::Element>(b: &'a mut Borrowed<'_, T>) -> PyResult<TensorRef
         exp_avg_sq: b.exp_avg_sq.as_slice_mut().map_err(err)?,
         step: b.step,
     })
-}
-
-/// The hyper-parameters shared by both entry points, validated.
-#[allow(clippy::too_many_arguments)]
-fn config(
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    weight_decouple: bool,
-    absolute: bool,
-    optimized_update: bool,
-) -> PyResult<AdamConfig> {
-    let cfg = AdamConfig::default()
-        .lr(lr)
-        .betas(beta1, beta2)
-        .eps(eps)
-        .weight_decay(WeightDecay::from_flags(
-            weight_decay,
-            weight_decouple,
-            absolute,
-        ))
-        .optimized_update(optimized_update);
-    cfg.validate()
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    Ok(cfg)
 }
 
 fn check_step(step: i64, index: Option<usize>) -> PyResult<u64> {
