@@ -3,6 +3,10 @@ bits every time."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -64,3 +68,39 @@ def test_openmp_runtime_is_found_once_torch_is_loaded():
         pool="openmp",
     )
     assert t[0][0] < 0
+
+
+FORK_SCRIPT = """
+import os, sys
+import numpy as np
+import torch
+from rustadam import Adam
+from rustadam.numpy import Adam as NumpyAdam
+
+p = torch.from_numpy(np.ones(1 << 20, dtype=np.float32))
+p.grad = torch.from_numpy(np.ones(1 << 20, dtype=np.float32))
+Adam([p], num_threads=2).step()            # the parent uses the thread pool first
+w = np.zeros(1 << 20, dtype=np.float32)
+NumpyAdam([w], num_threads=2).step([np.ones_like(w)])
+pid = os.fork()
+if pid == 0:
+    # torch's own parallel ops never return in such a child (libgomp's team is gone), so the
+    # child steps numpy arrays; its threads must be its own.
+    w2 = np.zeros(1 << 20, dtype=np.float32)
+    NumpyAdam([w2], num_threads=2).step([np.ones_like(w2)])
+    os._exit(0 if (w2 < 0).all() else 3)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX-only")
+@pytest.mark.parametrize("pool", ["openmp", "rayon"])
+def test_step_in_a_child_made_by_fork(pool):
+    """A forked child inherits the thread pools without their threads: it must build its own
+    instead of waiting forever for the parent's (which stepped torch tensors on `pool` first)."""
+    env = {**os.environ, "RUSTADAM_THREAD_POOL": pool}
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT], env=env, timeout=60, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr

@@ -18,9 +18,14 @@ unsafe extern "C" {
 }
 
 /// `GOMP_parallel` of the OpenMP runtime already loaded in the process (torch's), if any.
+///
+/// Not in a child made by fork() after the lookup: libgomp's team outlives fork() in memory but
+/// not its threads, so a parallel region there never ends (torch's own ones included); the
+/// core's own pool, rebuilt per process, runs the step instead.
 fn gomp_parallel() -> Option<GompParallel> {
-    static FOUND: OnceLock<Option<GompParallel>> = OnceLock::new();
-    *FOUND.get_or_init(lookup)
+    static FOUND: OnceLock<(u32, Option<GompParallel>)> = OnceLock::new();
+    let (pid, found) = *FOUND.get_or_init(|| (std::process::id(), lookup()));
+    found.filter(|_| pid == std::process::id())
 }
 
 #[cfg(target_os = "linux")]

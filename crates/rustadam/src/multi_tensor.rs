@@ -290,13 +290,19 @@ fn split_even<'j, 'a>(
 
 /// One pool per thread count, built on first use and kept: building one costs far more than a step.
 fn pool(num_threads: usize) -> Result<Arc<rayon::ThreadPool>, AdamError> {
-    type Pools = Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>>;
+    // Keyed by process too: a child made by fork() inherits the pool but not its threads, so
+    // it needs pools of its own (the parent's are kept, never used, never joined).
+    type Pools = Mutex<Vec<(u32, usize, Arc<rayon::ThreadPool>)>>;
     static POOLS: OnceLock<Pools> = OnceLock::new();
+    let pid = std::process::id();
     let mut pools = POOLS
         .get_or_init(|| Mutex::new(Vec::new()))
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    if let Some((_, p)) = pools.iter().find(|(n, _)| *n == num_threads) {
+    if let Some((_, _, p)) = pools
+        .iter()
+        .find(|(owner, n, _)| *owner == pid && *n == num_threads)
+    {
         return Ok(Arc::clone(p));
     }
     let p = Arc::new(
@@ -306,6 +312,6 @@ fn pool(num_threads: usize) -> Result<Arc<rayon::ThreadPool>, AdamError> {
             .build()
             .map_err(|e| AdamError::ThreadPool(e.to_string()))?,
     );
-    pools.push((num_threads, Arc::clone(&p)));
+    pools.push((pid, num_threads, Arc::clone(&p)));
     Ok(p)
 }
