@@ -16,6 +16,7 @@ use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 use rustadam::{AdamConfig, AnyTensor, ExecOptions, SimdLevel, TensorRefs, WeightDecay};
+use smallvec::SmallVec;
 
 /// The element types the core takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,9 +76,21 @@ struct View {
     numel: usize,
     dtype: DType,
     complex: bool,
-    shape: Vec<usize>,
+    shape: Dims<usize>,
     /// Strides of the dimensions longer than 1; those are the ones that place elements.
-    strides: Vec<isize>,
+    strides: Dims<isize>,
+}
+
+/// Sizes or strides, inline up to 6 dimensions: read for every tensor at every step, so they
+/// should cost no allocation.
+type Dims<T> = SmallVec<[T; 6]>;
+
+/// The integers of a Python tuple (a `torch.Size` or a stride tuple).
+fn dims<T: for<'a, 'py> FromPyObject<'a, 'py>>(tuple: Bound<'_, PyAny>) -> PyResult<Dims<T>> {
+    tuple
+        .try_iter()?
+        .map(|x| x?.extract::<T>().map_err(Into::into))
+        .collect()
 }
 
 impl View {
@@ -127,8 +140,8 @@ fn view(t: &Bound<'_, PyAny>, th: &Torch) -> PyResult<Result<View, Refusal>> {
             "it is a conjugate view (is_conj() is set)".into(),
         )));
     }
-    let mut shape: Vec<usize> = t.getattr(intern!(py, "shape"))?.extract()?;
-    let mut all_strides: Vec<isize> = t.call_method0(intern!(py, "stride"))?.extract()?;
+    let mut shape: Dims<usize> = dims(t.getattr(intern!(py, "shape"))?)?;
+    let mut all_strides: Dims<isize> = dims(t.call_method0(intern!(py, "stride"))?)?;
     let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
     if complex {
         // A complex tensor is a real one with a trailing dimension (re, im) of stride 1.
@@ -137,7 +150,7 @@ fn view(t: &Bound<'_, PyAny>, th: &Torch) -> PyResult<Result<View, Refusal>> {
         all_strides.push(1);
     }
     let numel = shape.iter().product::<usize>();
-    let strides: Vec<isize> = shape
+    let strides: Dims<isize> = shape
         .iter()
         .zip(&all_strides)
         .filter(|(&n, _)| n > 1)
@@ -177,7 +190,7 @@ fn view(t: &Bound<'_, PyAny>, th: &Torch) -> PyResult<Result<View, Refusal>> {
 /// True when the elements fill `numel` consecutive slots exactly once: sorted by stride,
 /// the dimensions (of length > 1) must have strides 1, n0, n0·n1, …
 fn is_dense_non_overlapping(v: &View) -> bool {
-    let mut dims: Vec<(isize, usize)> = v
+    let mut dims: Dims<(isize, usize)> = v
         .strides
         .iter()
         .zip(v.shape.iter().filter(|&&n| n > 1))
