@@ -253,28 +253,6 @@ fn body<E: Element, const L2: bool, const DECOUPLED: bool, const OPTIMIZED: bool
     }
 }
 
-#[inline(always)]
-fn dispatch<E: Element>(
-    mode: Mode,
-    k: &Coeffs<E::Compute>,
-    p: &mut [E],
-    g: &[E],
-    m: &mut [E],
-    v: &mut [E],
-) {
-    match (mode.l2, mode.decoupled, mode.optimized) {
-        (false, false, false) => body::<E, false, false, false>(k, p, g, m, v),
-        (false, false, true) => body::<E, false, false, true>(k, p, g, m, v),
-        (false, true, false) => body::<E, false, true, false>(k, p, g, m, v),
-        (false, true, true) => body::<E, false, true, true>(k, p, g, m, v),
-        (true, false, false) => body::<E, true, false, false>(k, p, g, m, v),
-        (true, false, true) => body::<E, true, false, true>(k, p, g, m, v),
-        // L2 and decoupled decay never come together; these arms only keep the match total.
-        (true, true, false) => body::<E, true, true, false>(k, p, g, m, v),
-        (true, true, true) => body::<E, true, true, true>(k, p, g, m, v),
-    }
-}
-
 /// The roofline: the same loads and stores as [`body`] with trivial arithmetic (θ += g, m += g,
 /// v += g), to measure what the memory system allows.
 #[inline(always)]
@@ -305,9 +283,19 @@ fn dispatch_work<E: Element>(
     m: &mut [E],
     v: &mut [E],
 ) {
-    match work {
-        Work::Adam(mode) => dispatch(mode, k, p, g, m, v),
-        Work::Roofline => roofline_body(p, g, m, v),
+    let Work::Adam(mode) = work else {
+        return roofline_body(p, g, m, v);
+    };
+    match (mode.l2, mode.decoupled, mode.optimized) {
+        (false, false, false) => body::<E, false, false, false>(k, p, g, m, v),
+        (false, false, true) => body::<E, false, false, true>(k, p, g, m, v),
+        (false, true, false) => body::<E, false, true, false>(k, p, g, m, v),
+        (false, true, true) => body::<E, false, true, true>(k, p, g, m, v),
+        (true, false, false) => body::<E, true, false, false>(k, p, g, m, v),
+        (true, false, true) => body::<E, true, false, true>(k, p, g, m, v),
+        // L2 and decoupled decay never come together; these arms only keep the match total.
+        (true, true, false) => body::<E, true, true, false>(k, p, g, m, v),
+        (true, true, true) => body::<E, true, true, true>(k, p, g, m, v),
     }
 }
 
