@@ -44,6 +44,25 @@ impl WeightDecay {
     }
 }
 
+/// How a 16-bit parameter (bfloat16, float16) is rounded when the update is stored.
+///
+/// `f32` and `f64` parameters always round to nearest: the modes exist for storage types too
+/// narrow to hold small updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub enum Rounding {
+    /// Round to nearest, ties to even (the default).
+    #[default]
+    Nearest,
+    /// Round up or down at random, with the probability that makes the rounding unbiased; the
+    /// random bits are a hash of the tensor's seed, the step and the element index, so results
+    /// are reproducible.
+    Stochastic,
+    /// Round to nearest and keep the rounding error in a compensation buffer, added back on the
+    /// next update (Kahan summation).
+    Kahan,
+}
+
 /// The hyper-parameters of one Adam step; `Default` gives the spec's defaults.
 ///
 /// ```
@@ -70,6 +89,13 @@ pub struct AdamConfig {
     pub weight_decay: WeightDecay,
     /// Fold the second-moment bias correction into the step size (default true).
     pub optimized_update: bool,
+    /// Ascend instead of descend: the gradient is negated first (default false).
+    pub maximize: bool,
+    /// AMSGrad: the denominator uses the running maximum of v, kept in `max_exp_avg_sq`
+    /// (default false).
+    pub amsgrad: bool,
+    /// How 16-bit parameters are rounded when stored (default [`Rounding::Nearest`]).
+    pub rounding: Rounding,
 }
 
 impl Default for AdamConfig {
@@ -81,6 +107,9 @@ impl Default for AdamConfig {
             eps: 1e-16,
             weight_decay: WeightDecay::None,
             optimized_update: true,
+            maximize: false,
+            amsgrad: false,
+            rounding: Rounding::Nearest,
         }
     }
 }
@@ -114,6 +143,24 @@ impl AdamConfig {
     /// Chooses the bias-correction form (see the crate docs).
     pub fn optimized_update(mut self, optimized_update: bool) -> Self {
         self.optimized_update = optimized_update;
+        self
+    }
+
+    /// Ascends the objective instead of descending it.
+    pub fn maximize(mut self, maximize: bool) -> Self {
+        self.maximize = maximize;
+        self
+    }
+
+    /// Turns AMSGrad on or off (each tensor then needs a `max_exp_avg_sq` buffer).
+    pub fn amsgrad(mut self, amsgrad: bool) -> Self {
+        self.amsgrad = amsgrad;
+        self
+    }
+
+    /// Chooses how 16-bit parameters are rounded ([`Rounding`]).
+    pub fn rounding(mut self, rounding: Rounding) -> Self {
+        self.rounding = rounding;
         self
     }
 

@@ -28,15 +28,40 @@ pub enum AdamError {
     LengthMismatch {
         /// Position of the tensor in the call.
         tensor: usize,
-        /// Which buffer: `grad`, `exp_avg` or `exp_avg_sq`.
+        /// Which buffer: `grad`, `exp_avg`, `exp_avg_sq`, `max_exp_avg_sq` or `compensation`.
         buffer: &'static str,
         /// The parameter's length.
         expected: usize,
         /// The buffer's length.
         got: usize,
     },
+    /// A buffer the config needs is missing: `max_exp_avg_sq` for AMSGrad, `compensation` for
+    /// Kahan rounding of a 16-bit tensor.
+    MissingBuffer {
+        /// Position of the tensor in the call.
+        tensor: usize,
+        /// Which buffer: `max_exp_avg_sq` or `compensation`.
+        buffer: &'static str,
+        /// The option that needs it: `amsgrad` or `rounding=kahan`.
+        needed_by: &'static str,
+    },
     /// The thread pool could not be built.
     ThreadPool(String),
+    /// More threads asked for than [`max_threads`](crate::max_threads) allows.
+    TooManyThreads {
+        /// The `num_threads` given.
+        requested: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A [`ForkJoin`](crate::ForkJoin) returned before the work was done (it ran the task on no
+    /// thread, or a task did not finish). Some buffers may have been updated and others not.
+    Incomplete {
+        /// Parts of the work done.
+        done: usize,
+        /// Parts of the work in all.
+        parts: usize,
+    },
     /// An [`AdamState`](crate::AdamState) whose two moments have different lengths.
     StateMismatch {
         /// The length of m (`exp_avg`).
@@ -68,7 +93,20 @@ impl fmt::Display for AdamError {
                 f,
                 "tensor {tensor}: {buffer} has {got} elements but the parameter has {expected}"
             ),
+            Self::MissingBuffer {
+                tensor,
+                buffer,
+                needed_by,
+            } => write!(f, "tensor {tensor}: {needed_by} needs a {buffer} buffer"),
             Self::ThreadPool(msg) => write!(f, "could not build the thread pool: {msg}"),
+            Self::TooManyThreads { requested, max } => {
+                write!(f, "num_threads is {requested}, more than the limit {max}")
+            }
+            Self::Incomplete { done, parts } => write!(
+                f,
+                "the thread pool returned with {done} of {parts} parts of the step done; \
+                 the buffers are partly updated"
+            ),
             Self::StateMismatch {
                 exp_avg,
                 exp_avg_sq,

@@ -69,6 +69,48 @@ pub(crate) fn f32_to_f16(x: f32) -> f16 {
     f16::from_bits(out | sign)
 }
 
+/// Stochastic rounding to bfloat16 with random bits `r` (NUMERICS.md): adding 16 random low
+/// bits before truncating rounds up with probability equal to the distance from the lower
+/// neighbour. Infinities and NaN round to nearest.
+#[inline(always)]
+pub(crate) fn f32_to_bf16_stochastic(x: f32, r: u32) -> bf16 {
+    let b = x.to_bits();
+    // Finite magnitudes are at most 0x7f7f_ffff, so the sum cannot carry into the sign bit.
+    let up = ((b & 0x7fff_ffff).wrapping_add(r & 0xffff) & 0xffff_0000) | (b & 0x8000_0000);
+    let stochastic = bf16::from_bits((up >> 16) as u16);
+    if x.is_finite() {
+        stochastic
+    } else {
+        f32_to_bf16(x)
+    }
+}
+
+/// Stochastic rounding to binary16 with random bits `r` (NUMERICS.md). Normal results drop
+/// 13 mantissa bits after adding 13 random ones; subnormal results (spacing 2^-24) round up
+/// when 16 random bits fall below the fraction. Infinities and NaN round to nearest.
+#[inline(always)]
+pub(crate) fn f32_to_f16_stochastic(x: f32, r: u32) -> f16 {
+    const TWO_POW_24: f32 = 16_777_216.0;
+    let b = x.to_bits();
+    let sign = ((b >> 16) & 0x8000) as u16;
+    let a = f32::from_bits(b & 0x7fff_ffff);
+    // The sum has 10 mantissa bits left, so the narrowing is exact (or overflows to inf).
+    let y = f32::from_bits(((b & 0x7fff_ffff).wrapping_add(r & 0x1fff)) & !0x1fff);
+    let normal = f32_to_f16(y).to_bits();
+    let s = a * TWO_POW_24;
+    // Truncation is floor for s >= 0; out-of-range lanes saturate and are not selected.
+    let n = (s as i32) as f32;
+    let up = ((r & 0xffff) as f32) < (s - n) * 65536.0;
+    let q = (n + if up { 1.0 } else { 0.0 }) * (1.0 / TWO_POW_24);
+    let sub = f32_to_f16(q).to_bits();
+    let magnitude = if a >= 1.0 / 16384.0 { normal } else { sub };
+    if x.is_finite() {
+        f16::from_bits(magnitude | sign)
+    } else {
+        f32_to_f16(x)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

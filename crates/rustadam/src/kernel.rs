@@ -8,7 +8,7 @@
 
 use std::ops::{Add, Div, Mul, Sub};
 
-use crate::config::{AdamConfig, WeightDecay};
+use crate::config::{AdamConfig, Rounding, WeightDecay};
 
 /// A floating-point type the kernel computes in (`f32` or `f64`).
 pub trait Real:
@@ -27,6 +27,8 @@ pub trait Real:
     fn sqrt(self) -> Self;
     /// `self · a + b` with one rounding.
     fn mul_add(self, a: Self, b: Self) -> Self;
+    /// The larger of the two, NaN if either is NaN (as `torch.maximum`).
+    fn nan_max(self, other: Self) -> Self;
 }
 
 macro_rules! impl_real {
@@ -44,6 +46,17 @@ macro_rules! impl_real {
             fn mul_add(self, a: Self, b: Self) -> Self {
                 <$t>::mul_add(self, a, b)
             }
+            #[inline(always)]
+            fn nan_max(self, other: Self) -> Self {
+                // Selects, not branches, so the loop vectorises; a NaN fails both comparisons.
+                if self > other {
+                    self
+                } else if other >= self {
+                    other
+                } else {
+                    self + other
+                }
+            }
         }
     };
 }
@@ -59,6 +72,13 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn load(self) -> Self::Compute;
     /// Rounds a computed value to the storage type (to nearest, ties to even).
     fn store(x: Self::Compute) -> Self;
+    /// Rounds stochastically with the random bits `r` (see [`Rounding`](crate::Rounding));
+    /// types whose [`Element::store`] is exact ignore `r`.
+    #[inline(always)]
+    fn store_stochastic(x: Self::Compute, r: u32) -> Self {
+        let _ = r;
+        Self::store(x)
+    }
 }
 
 macro_rules! impl_native_element {
@@ -80,7 +100,7 @@ impl_native_element!(f32);
 impl_native_element!(f64);
 
 macro_rules! impl_half_element {
-    ($t:ty, $load:path, $store:path) => {
+    ($t:ty, $load:path, $store:path, $stochastic:path) => {
         /// Computed in `f32`, rounded to nearest-even once when stored.
         impl Element for $t {
             type Compute = f32;
@@ -92,19 +112,62 @@ macro_rules! impl_half_element {
             fn store(x: f32) -> $t {
                 $store(x)
             }
+            #[inline(always)]
+            fn store_stochastic(x: f32, r: u32) -> $t {
+                $stochastic(x, r)
+            }
         }
     };
 }
 impl_half_element!(
     half::bf16,
     crate::halfprec::bf16_to_f32,
-    crate::halfprec::f32_to_bf16
+    crate::halfprec::f32_to_bf16,
+    crate::halfprec::f32_to_bf16_stochastic
 );
 impl_half_element!(
     half::f16,
     crate::halfprec::f16_to_f32,
-    crate::halfprec::f32_to_f16
+    crate::halfprec::f32_to_f16,
+    crate::halfprec::f32_to_f16_stochastic
 );
+
+const M1: u32 = 0x7FEB_352D;
+const M2: u32 = 0x2C1B_3C6D;
+
+/// The integer hash of stochastic rounding (NUMERICS.md), on wrapping `u32` arithmetic, so
+/// every path (CPU, torch ops, GPU) draws the same bits.
+#[inline(always)]
+pub fn mix(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(M1);
+    x ^= x >> 15;
+    x = x.wrapping_mul(M2);
+    x ^= x >> 16;
+    x
+}
+
+/// The per-tensor, per-step key of stochastic rounding: a hash of the tensor's `seed` and the
+/// update count `t` (both taken mod 2^32 where NUMERICS.md says so).
+pub fn stochastic_key(seed: u64, t: u64) -> u32 {
+    mix(mix(mix(seed as u32) ^ (seed >> 32) as u32) ^ t as u32)
+}
+
+/// The random bits for element `index` (its flat index in the tensor, taken mod 2^32).
+#[inline(always)]
+pub fn stochastic_bits(key: u32, index: u64) -> u32 {
+    mix(key ^ mix(index as u32))
+}
+
+/// Rounds `x` to bfloat16 stochastically with the random bits `r` (NUMERICS.md).
+pub fn round_bf16_stochastic(x: f32, r: u32) -> half::bf16 {
+    crate::halfprec::f32_to_bf16_stochastic(x, r)
+}
+
+/// Rounds `x` to binary16 stochastically with the random bits `r` (NUMERICS.md).
+pub fn round_f16_stochastic(x: f32, r: u32) -> half::f16 {
+    crate::halfprec::f32_to_f16_stochastic(x, r)
+}
 
 /// The per-tensor scalars of one step, in `f64`, computed once from the config and the step count.
 ///
@@ -131,6 +194,8 @@ pub struct StepScalars {
     pub decay_factor: f64,
     /// The L2 coefficient λ (0 without L2 decay).
     pub l2: f64,
+    /// The gradient's factor: −1 to maximize, else 1.
+    pub grad_sign: f64,
 }
 
 impl StepScalars {
@@ -161,27 +226,42 @@ impl StepScalars {
             sqrt_bc2,
             decay_factor,
             l2,
+            grad_sign: if cfg.maximize { -1.0 } else { 1.0 },
         }
     }
 }
 
+/// Weight decay as the kernel's const parameter `DECAY`.
+pub(crate) const NO_DECAY: u8 = 0;
+pub(crate) const L2_DECAY: u8 = 1;
+pub(crate) const DECOUPLED_DECAY: u8 = 2;
+
+/// Rounding as the kernel's const parameter `ROUND`.
+pub(crate) const NEAREST: u8 = 0;
+pub(crate) const STOCHASTIC: u8 = 1;
+pub(crate) const KAHAN: u8 = 2;
+
 /// Which of the kernel's variants runs: fixed per call, so the inner loop has no branches.
+/// Maximize is not a variant: it multiplies the gradient by ±1, which is exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Mode {
-    pub l2: bool,
-    pub decoupled: bool,
+    pub decay: u8,
     pub optimized: bool,
+    pub amsgrad: bool,
+    pub rounding: Rounding,
 }
 
 impl Mode {
     pub(crate) fn of(cfg: &AdamConfig) -> Self {
         Self {
-            l2: matches!(cfg.weight_decay, WeightDecay::L2(_)),
-            decoupled: matches!(
-                cfg.weight_decay,
-                WeightDecay::Decoupled(_) | WeightDecay::DecoupledAbsolute(_)
-            ),
+            decay: match cfg.weight_decay {
+                WeightDecay::None => NO_DECAY,
+                WeightDecay::L2(_) => L2_DECAY,
+                WeightDecay::Decoupled(_) | WeightDecay::DecoupledAbsolute(_) => DECOUPLED_DECAY,
+            },
             optimized: cfg.optimized_update,
+            amsgrad: cfg.amsgrad,
+            rounding: cfg.rounding,
         }
     }
 }
@@ -198,10 +278,13 @@ pub(crate) struct Coeffs<C> {
     sqrt_bc2: C,
     decay: C,
     l2: C,
+    grad_sign: C,
+    key: u32,
 }
 
 impl<C: Real> Coeffs<C> {
-    pub(crate) fn new(s: &StepScalars) -> Self {
+    /// The coefficients in the compute type; `key` seeds stochastic rounding.
+    pub(crate) fn new(s: &StepScalars, key: u32) -> Self {
         Self {
             b1: C::from_f64(s.beta1),
             omb1: C::from_f64(s.one_minus_beta1),
@@ -211,43 +294,91 @@ impl<C: Real> Coeffs<C> {
             eps: C::from_f64(s.eps),
             sqrt_bc2: C::from_f64(s.sqrt_bc2),
             decay: C::from_f64(s.decay_factor),
+            // λ in the compute type, as every path takes it (torch's own bf16/f16
+            // `grad.add(param, alpha=λ)` would round λ to 16 bits first, and its scalar tail
+            // differs again, so the paths compute g + λ·θ themselves).
             l2: C::from_f64(s.l2),
+            grad_sign: C::from_f64(s.grad_sign),
+            key,
         }
     }
 }
 
+/// One chunk's buffers. `vmax` and `comp` are empty unless AMSGrad or Kahan rounding use
+/// them; `offset` is the index of the chunk's first element in its tensor.
+#[derive(Debug)]
+pub(crate) struct Bufs<'a, E> {
+    pub p: &'a mut [E],
+    pub g: &'a [E],
+    pub m: &'a mut [E],
+    pub v: &'a mut [E],
+    pub vmax: &'a mut [E],
+    pub comp: &'a mut [E],
+    pub offset: usize,
+}
+
 /// The element-wise update, in the operation order of the reference torch ops
 /// (`grad.add(param, alpha=λ)`, `m.mul_(β1).add_(g, alpha=1−β1)`,
-/// `v.mul_(β2).addcmul_(g, g, value=1−β2)`, `param.addcdiv_(m, denom, value=−step_size)`).
+/// `v.mul_(β2).addcmul_(g, g, value=1−β2)`, `param.addcdiv_(m, denom, value=−step_size)`);
+/// NUMERICS.md gives each rounding.
 #[inline(always)]
-fn body<E: Element, const L2: bool, const DECOUPLED: bool, const OPTIMIZED: bool>(
+fn body<
+    E: Element,
+    const DECAY: u8,
+    const OPTIMIZED: bool,
+    const AMSGRAD: bool,
+    const ROUND: u8,
+>(
     k: &Coeffs<E::Compute>,
-    p: &mut [E],
-    g: &[E],
-    m: &mut [E],
-    v: &mut [E],
+    b: &mut Bufs<'_, E>,
 ) {
-    let n = p.len();
+    let n = b.p.len();
     // Re-slicing to one length lets the compiler drop the bounds checks.
-    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    let (p, g, m, v) = (&mut *b.p, &b.g[..n], &mut b.m[..n], &mut b.v[..n]);
+    let vmax: &mut [E] = if AMSGRAD { &mut b.vmax[..n] } else { &mut [] };
+    let comp: &mut [E] = if ROUND == KAHAN {
+        &mut b.comp[..n]
+    } else {
+        &mut []
+    };
+    // The hash takes the index mod 2^32.
+    let first = b.offset as u32;
     for i in 0..n {
         let mut theta = p[i].load();
-        let mut grad = g[i].load();
-        if L2 {
-            grad = theta.mul_add(k.l2, grad);
+        let mut grad = g[i].load() * k.grad_sign;
+        if DECAY == DECOUPLED_DECAY {
+            // The decay is its own step, rounded to the storage type as `param.mul_` does.
+            theta = E::store(theta * k.decay).load();
         }
-        if DECOUPLED {
-            theta = theta * k.decay;
+        if DECAY == L2_DECAY {
+            grad = E::store(theta.mul_add(k.l2, grad)).load();
         }
         let mi = grad.mul_add(k.omb1, m[i].load() * k.b1);
         let vi = (k.omb2 * grad).mul_add(grad, v[i].load() * k.b2);
-        let denom = if OPTIMIZED {
-            vi.sqrt() + k.eps
+        let vd = if AMSGRAD {
+            let x = vmax[i].load().nan_max(vi);
+            vmax[i] = E::store(x);
+            x
         } else {
-            vi.sqrt() / k.sqrt_bc2 + k.eps
+            vi
         };
-        theta = theta - (k.step_size * mi) / denom;
-        p[i] = E::store(theta);
+        let denom = if OPTIMIZED {
+            vd.sqrt() + k.eps
+        } else {
+            vd.sqrt() / k.sqrt_bc2 + k.eps
+        };
+        let u = (k.step_size * mi) / denom;
+        p[i] = if ROUND == STOCHASTIC {
+            let r = mix(k.key ^ mix(first.wrapping_add(i as u32)));
+            E::store_stochastic(theta - u, r)
+        } else if ROUND == KAHAN {
+            let y = comp[i].load() - u;
+            let stored = E::store(theta + y);
+            comp[i] = E::store(y - (stored.load() - theta));
+            stored
+        } else {
+            E::store(theta - u)
+        };
         m[i] = E::store(mi);
         v[i] = E::store(vi);
     }
@@ -256,9 +387,9 @@ fn body<E: Element, const L2: bool, const DECOUPLED: bool, const OPTIMIZED: bool
 /// The roofline: the same loads and stores as [`body`] with trivial arithmetic (θ += g, m += g,
 /// v += g), to measure what the memory system allows.
 #[inline(always)]
-fn roofline_body<E: Element>(p: &mut [E], g: &[E], m: &mut [E], v: &mut [E]) {
-    let n = p.len();
-    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+fn roofline_body<E: Element>(b: &mut Bufs<'_, E>) {
+    let n = b.p.len();
+    let (p, g, m, v) = (&mut *b.p, &b.g[..n], &mut b.m[..n], &mut b.v[..n]);
     for i in 0..n {
         let gi = g[i].load();
         p[i] = E::store(p[i].load() + gi);
@@ -274,28 +405,43 @@ pub(crate) enum Work {
     Roofline,
 }
 
+impl Work {
+    /// The rounding the kernel must be instantiated with (nearest for the roofline).
+    pub(crate) fn rounding(self) -> Rounding {
+        match self {
+            Work::Adam(mode) => mode.rounding,
+            Work::Roofline => Rounding::Nearest,
+        }
+    }
+}
+
 #[inline(always)]
-fn dispatch_work<E: Element>(
+fn dispatch_work<E: Element, const ROUND: u8>(
     work: Work,
     k: &Coeffs<E::Compute>,
-    p: &mut [E],
-    g: &[E],
-    m: &mut [E],
-    v: &mut [E],
+    b: &mut Bufs<'_, E>,
 ) {
     let Work::Adam(mode) = work else {
-        return roofline_body(p, g, m, v);
+        return roofline_body(b);
     };
-    match (mode.l2, mode.decoupled, mode.optimized) {
-        (false, false, false) => body::<E, false, false, false>(k, p, g, m, v),
-        (false, false, true) => body::<E, false, false, true>(k, p, g, m, v),
-        (false, true, false) => body::<E, false, true, false>(k, p, g, m, v),
-        (false, true, true) => body::<E, false, true, true>(k, p, g, m, v),
-        (true, false, false) => body::<E, true, false, false>(k, p, g, m, v),
-        (true, false, true) => body::<E, true, false, true>(k, p, g, m, v),
-        // L2 and decoupled decay never come together; these arms only keep the match total.
-        (true, true, false) => body::<E, true, true, false>(k, p, g, m, v),
-        (true, true, true) => body::<E, true, true, true>(k, p, g, m, v),
+    match mode.decay {
+        L2_DECAY => dispatch_flags::<E, L2_DECAY, ROUND>(mode, k, b),
+        DECOUPLED_DECAY => dispatch_flags::<E, DECOUPLED_DECAY, ROUND>(mode, k, b),
+        _ => dispatch_flags::<E, NO_DECAY, ROUND>(mode, k, b),
+    }
+}
+
+#[inline(always)]
+fn dispatch_flags<E: Element, const DECAY: u8, const ROUND: u8>(
+    mode: Mode,
+    k: &Coeffs<E::Compute>,
+    b: &mut Bufs<'_, E>,
+) {
+    match (mode.optimized, mode.amsgrad) {
+        (false, false) => body::<E, DECAY, false, false, ROUND>(k, b),
+        (false, true) => body::<E, DECAY, false, true, ROUND>(k, b),
+        (true, false) => body::<E, DECAY, true, false, ROUND>(k, b),
+        (true, true) => body::<E, DECAY, true, true, ROUND>(k, b),
     }
 }
 
@@ -363,52 +509,42 @@ impl SimdLevel {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn run_avx2<E: Element>(
-    work: Work,
-    k: &Coeffs<E::Compute>,
-    p: &mut [E],
-    g: &[E],
-    m: &mut [E],
-    v: &mut [E],
-) {
-    dispatch_work(work, k, p, g, m, v)
+fn run_avx2<E: Element, const ROUND: u8>(work: Work, k: &Coeffs<E::Compute>, b: &mut Bufs<'_, E>) {
+    dispatch_work::<E, ROUND>(work, k, b)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn run_avx512<E: Element>(
+fn run_avx512<E: Element, const ROUND: u8>(
     work: Work,
     k: &Coeffs<E::Compute>,
-    p: &mut [E],
-    g: &[E],
-    m: &mut [E],
-    v: &mut [E],
+    b: &mut Bufs<'_, E>,
 ) {
-    dispatch_work(work, k, p, g, m, v)
+    dispatch_work::<E, ROUND>(work, k, b)
 }
 
 /// Runs the kernel over one chunk at `level`, falling back to the portable code where the
 /// level is not available, so no caller can reach an instruction the CPU lacks.
-pub(crate) fn run<E: Element>(
+///
+/// `ROUND` is a parameter of this function, not read from `work`, so that the caller
+/// instantiates only the roundings its element type has (f32 and f64 always round to nearest).
+pub(crate) fn run<E: Element, const ROUND: u8>(
     level: SimdLevel,
     work: Work,
     k: &Coeffs<E::Compute>,
-    p: &mut [E],
-    g: &[E],
-    m: &mut [E],
-    v: &mut [E],
+    b: &mut Bufs<'_, E>,
 ) {
     match level {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 if level.is_available() => {
             // SAFETY: is_available() just confirmed avx512f, avx2 and fma on this CPU.
-            unsafe { run_avx512(work, k, p, g, m, v) }
+            unsafe { run_avx512::<E, ROUND>(work, k, b) }
         }
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 if level.is_available() => {
             // SAFETY: is_available() just confirmed avx2 and fma on this CPU.
-            unsafe { run_avx2(work, k, p, g, m, v) }
+            unsafe { run_avx2::<E, ROUND>(work, k, b) }
         }
-        _ => dispatch_work(work, k, p, g, m, v),
+        _ => dispatch_work::<E, ROUND>(work, k, b),
     }
 }

@@ -30,7 +30,7 @@
 //! let (mut m, mut v) = (vec![0.0; 1000], vec![0.0; 1000]);
 //! for t in 1..=100 {
 //!     let grad: Vec<f32> = theta.iter().map(|x| 2.0 * x).collect(); // d/dθ of θ²
-//!     let refs = TensorRefs { param: &mut theta, grad: &grad, exp_avg: &mut m, exp_avg_sq: &mut v, step: t };
+//!     let refs = TensorRefs::new(&mut theta, &grad, &mut m, &mut v, t);
 //!     step_tensors(&cfg, &mut [AnyTensor::from(refs)], &ExecOptions::default()).unwrap();
 //! }
 //! assert!(theta[0] < 0.5);
@@ -40,14 +40,17 @@ mod config;
 mod error;
 mod halfprec;
 pub mod kernel;
+pub mod layout;
 
 /// The 16-bit float types the kernel takes (re-exported from the `half` crate).
 pub use half::{bf16, f16};
 mod multi_tensor;
 mod optimizer;
 
-pub use config::{AdamConfig, WeightDecay};
+pub use config::{AdamConfig, Rounding, WeightDecay};
 pub use error::AdamError;
 pub use kernel::{Element, Real, SimdLevel, StepScalars};
-pub use multi_tensor::{roofline, step_tensors, AnyTensor, ExecOptions, ForkJoin, TensorRefs};
+pub use multi_tensor::{
+    max_threads, roofline, step_tensors, AnyTensor, ExecOptions, ForkJoin, TensorRefs,
+};
 pub use optimizer::{Adam, AdamState};

@@ -14,10 +14,13 @@
 //! θ ← θ − (α / bc1) · m / (√v / √bc2 + ε)   (optimized_update = false)
 //! ```
 //!
+//! With `maximize` the gradient is negated first; with `amsgrad` the denominator uses
+//! v_max ← max(v_max, v) instead of v.
+//!
 //! The gradient itself is never written: L2 decay changes only the value the moments see.
 
 use crate::kernel::{Element, Real};
-use crate::{step_tensors, AdamConfig, AdamError, AnyTensor, ExecOptions, TensorRefs};
+use crate::{step_tensors, AdamConfig, AdamError, AnyTensor, ExecOptions, Rounding, TensorRefs};
 
 /// The state Adam keeps for one tensor: the moments m (`exp_avg`) and v (`exp_avg_sq`), each
 /// as long as the parameter, and `step`, the number of updates done so far.
@@ -44,6 +47,27 @@ pub struct AdamState<E> {
     pub exp_avg_sq: Vec<E>,
     /// t, the number of updates done so far (0 before the first).
     pub step: u64,
+    /// The AMSGrad maximum of v, created (zeros) by the first step with `amsgrad` on.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub max_exp_avg_sq: Option<Vec<E>>,
+    /// The Kahan compensation of a 16-bit parameter, created (zeros) by the first step with
+    /// [`Rounding::Kahan`](crate::Rounding::Kahan).
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub compensation: Option<Vec<E>>,
+    /// The seed of this tensor's stochastic rounding (default 0; give each tensor its own).
+    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "is_zero"))]
+    pub seed: u64,
+}
+
+#[cfg(feature = "serde")]
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 impl<E: Element> AdamState<E> {
@@ -60,7 +84,21 @@ impl<E: Element> AdamState<E> {
             exp_avg: vec![zero; len],
             exp_avg_sq: vec![zero; len],
             step: 0,
+            max_exp_avg_sq: None,
+            compensation: None,
+            seed: 0,
         }
+    }
+
+    /// The same state with the stochastic-rounding seed `seed`.
+    ///
+    /// ```
+    /// use rustadam::AdamState;
+    /// assert_eq!(AdamState::<f32>::new(1).with_seed(7).seed, 7);
+    /// ```
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
     }
 
     /// A state from saved moments and step count, checking that the moments have one length.
@@ -83,6 +121,9 @@ impl<E: Element> AdamState<E> {
             exp_avg,
             exp_avg_sq,
             step,
+            max_exp_avg_sq: None,
+            compensation: None,
+            seed: 0,
         })
     }
 
@@ -221,9 +262,10 @@ impl Adam {
 
     /// One Adam update of `param` with gradient `grad`; `state.step` goes from t − 1 to t.
     ///
-    /// `grad`, `state.exp_avg` and `state.exp_avg_sq` must be as long as `param`
-    /// ([`AdamError::LengthMismatch`] otherwise). On an error nothing is written, the step count
-    /// included.
+    /// `grad`, `state.exp_avg` and `state.exp_avg_sq` (and `max_exp_avg_sq`, `compensation`
+    /// when present) must be as long as `param` ([`AdamError::LengthMismatch`] otherwise). The
+    /// buffers AMSGrad and Kahan rounding need are created, zeros, when missing. On an error
+    /// nothing is written, the step count included, and no buffer is created.
     ///
     /// ```
     /// use rustadam::{Adam, AdamConfig, AdamState};
@@ -281,27 +323,75 @@ impl Adam {
         for<'t> AnyTensor<'t>: From<TensorRefs<'t, E>>,
         I: IntoIterator<Item = (&'a mut [E], &'a [E], &'a mut AdamState<E>)>,
     {
-        let items = items.into_iter();
-        let mut tensors: Vec<AnyTensor<'a>> = Vec::with_capacity(items.size_hint().0);
-        let mut steps: Vec<&'a mut u64> = Vec::with_capacity(items.size_hint().0);
+        /// A buffer the state has, or the index of one made for this step.
+        enum Slot<'a, E> {
+            Absent,
+            Held(&'a mut [E]),
+            Made(usize),
+        }
+        type Item<'a, E> = (
+            &'a mut [E],
+            &'a [E],
+            &'a mut [E],
+            &'a mut [E],
+            &'a mut u64,
+            u64,
+            [Slot<'a, E>; 2],
+        );
+        let kahan = self.config.rounding == Rounding::Kahan && std::mem::size_of::<E>() == 2;
+        let zero = E::store(<E::Compute as Real>::from_f64(0.0));
+        // Missing buffers are made here and moved into their states only once the step has
+        // succeeded, so on an error no state changes.
+        let (mut made, mut homes): (Vec<Vec<E>>, Vec<&'a mut Option<Vec<E>>>) = (vec![], vec![]);
+        let mut collected: Vec<Item<'a, E>> = Vec::new();
         for (param, grad, state) in items {
             let AdamState {
                 exp_avg,
                 exp_avg_sq,
                 step,
+                max_exp_avg_sq,
+                compensation,
+                seed,
             } = state;
-            tensors.push(AnyTensor::from(TensorRefs {
-                param,
-                grad,
-                exp_avg,
-                exp_avg_sq,
-                // Saturating: β^t has long underflowed to 0 before t nears u64::MAX, so the
-                // arithmetic is the same and no input can make this overflow.
-                step: step.saturating_add(1),
-            }));
+            let mut slot = |home: &'a mut Option<Vec<E>>, wanted: bool| match home {
+                Some(b) => Slot::Held(&mut b[..]),
+                None if wanted => {
+                    made.push(vec![zero; param.len()]);
+                    homes.push(home);
+                    Slot::Made(made.len() - 1)
+                }
+                None => Slot::Absent,
+            };
+            let slots = [
+                slot(max_exp_avg_sq, self.config.amsgrad),
+                slot(compensation, kahan),
+            ];
+            collected.push((param, grad, exp_avg, exp_avg_sq, step, *seed, slots));
+        }
+        let mut fresh: Vec<Option<&mut [E]>> = made.iter_mut().map(|b| Some(&mut b[..])).collect();
+        let mut steps = Vec::with_capacity(collected.len());
+        let mut tensors: Vec<AnyTensor<'_>> = Vec::with_capacity(collected.len());
+        for (param, grad, exp_avg, exp_avg_sq, step, seed, slots) in collected {
+            // Saturating: β^t has long underflowed to 0 before t nears u64::MAX, so the
+            // arithmetic is the same and no input can make this overflow.
+            let mut refs =
+                TensorRefs::new(param, grad, exp_avg, exp_avg_sq, step.saturating_add(1))
+                    .with_seed(seed);
+            let [vmax, comp] = slots.map(|s| match s {
+                Slot::Absent => None,
+                Slot::Held(b) => Some(b),
+                Slot::Made(i) => fresh[i].take(),
+            });
+            refs.max_exp_avg_sq = vmax;
+            refs.compensation = comp;
+            tensors.push(AnyTensor::from(refs));
             steps.push(step);
         }
         step_tensors(&self.config, &mut tensors, &self.exec)?;
+        drop(tensors);
+        for (home, buffer) in homes.into_iter().zip(made) {
+            *home = Some(buffer);
+        }
         for step in steps {
             *step = step.saturating_add(1);
         }

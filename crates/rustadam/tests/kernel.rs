@@ -46,15 +46,29 @@ fn oracle_step(cfg: &AdamConfig, t: u64, p: &mut [f64], g: &[f64], m: &mut [f64]
 /// The same update in f32 with the kernel's documented operation order and roundings, so the
 /// kernel must match it bit for bit (IEEE-754 rounds each of these operations exactly).
 fn scalar_f32(cfg: &AdamConfig, t: u64, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    scalar_rounded(cfg, t, p, g, m, v, &|x| x)
+}
+
+/// [`scalar_f32`] for a 16-bit storage type whose rounding is `round`: the weight decay is its
+/// own step, rounded to the storage type (L2: g + λ·θ with one rounding, λ in f32).
+fn scalar_rounded(
+    cfg: &AdamConfig,
+    t: u64,
+    p: &mut [f32],
+    g: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    round: &dyn Fn(f32) -> f32,
+) {
     let s = StepScalars::new(cfg, t);
     let f = |x: f64| x as f32;
     for i in 0..p.len() {
         let mut grad = g[i];
         let mut theta = p[i];
         match cfg.weight_decay {
-            WeightDecay::L2(_) => grad = theta.mul_add(f(s.l2), grad),
+            WeightDecay::L2(_) => grad = round(theta.mul_add(f(s.l2), grad)),
             WeightDecay::Decoupled(_) | WeightDecay::DecoupledAbsolute(_) => {
-                theta *= f(s.decay_factor)
+                theta = round(theta * f(s.decay_factor))
             }
             WeightDecay::None => {}
         }
@@ -113,13 +127,7 @@ fn run_f32(
     v: &mut [f32],
 ) {
     for t in 1..=steps {
-        let refs = TensorRefs {
-            param: &mut *p,
-            grad: &g[(t - 1) as usize],
-            exp_avg: &mut *m,
-            exp_avg_sq: &mut *v,
-            step: t,
-        };
+        let refs = TensorRefs::new(&mut *p, &g[(t - 1) as usize], &mut *m, &mut *v, t);
         step_tensors(cfg, &mut [AnyTensor::from(refs)], o).unwrap();
     }
 }
@@ -160,13 +168,7 @@ fn f64_matches_float64_oracle() {
             let (mut rp, mut rm, mut rv) = (p0.clone(), vec![0.0; n], vec![0.0; n]);
             for t in 1..=20u64 {
                 let g = &grads[(t - 1) as usize];
-                let refs = TensorRefs {
-                    param: &mut p,
-                    grad: g,
-                    exp_avg: &mut m,
-                    exp_avg_sq: &mut v,
-                    step: t,
-                };
+                let refs = TensorRefs::new(&mut p, g, &mut m, &mut v, t);
                 step_tensors(&cfg, &mut [AnyTensor::from(refs)], &opts(2, None)).unwrap();
                 oracle_step(&cfg, t, &mut rp, g, &mut rm, &mut rv);
             }
@@ -241,22 +243,10 @@ fn mixed_run(o: &ExecOptions, cfg: &AdamConfig) -> Vec<u64> {
     for t in 1..=3u64 {
         let mut tensors: Vec<AnyTensor<'_>> = Vec::new();
         for [p, g, m, v] in f32s.iter_mut() {
-            tensors.push(AnyTensor::from(TensorRefs {
-                param: p,
-                grad: g,
-                exp_avg: m,
-                exp_avg_sq: v,
-                step: t,
-            }));
+            tensors.push(AnyTensor::from(TensorRefs::new(p, g, m, v, t)));
         }
         for [p, g, m, v] in f64s.iter_mut() {
-            tensors.push(AnyTensor::from(TensorRefs {
-                param: p,
-                grad: g,
-                exp_avg: m,
-                exp_avg_sq: v,
-                step: t + 10,
-            }));
+            tensors.push(AnyTensor::from(TensorRefs::new(p, g, m, v, t + 10)));
         }
         step_tensors(cfg, &mut tensors, o).unwrap();
     }
@@ -313,20 +303,8 @@ fn errors_leave_buffers_unchanged() {
     let err = step_tensors(
         &cfg,
         &mut [
-            AnyTensor::from(TensorRefs {
-                param: &mut p2,
-                grad: &g2,
-                exp_avg: &mut m2,
-                exp_avg_sq: &mut v2,
-                step: 1,
-            }),
-            AnyTensor::from(TensorRefs {
-                param: &mut p,
-                grad: &g,
-                exp_avg: &mut m,
-                exp_avg_sq: &mut v,
-                step: 1,
-            }),
+            AnyTensor::from(TensorRefs::new(&mut p2, &g2, &mut m2, &mut v2, 1)),
+            AnyTensor::from(TensorRefs::new(&mut p, &g, &mut m, &mut v, 1)),
         ],
         &opts(1, None),
     )
@@ -358,30 +336,18 @@ fn errors_leave_buffers_unchanged() {
         ),
     ];
     for (c, msg) in bad {
-        let refs = TensorRefs {
-            param: &mut p2,
-            grad: &g2,
-            exp_avg: &mut m2,
-            exp_avg_sq: &mut v2,
-            step: 1,
-        };
+        let refs = TensorRefs::new(&mut p2, &g2, &mut m2, &mut v2, 1);
         let err = step_tensors(&c, &mut [AnyTensor::from(refs)], &opts(1, None)).unwrap_err();
         assert_eq!(err.to_string(), msg);
     }
-    let refs = TensorRefs {
-        param: &mut p2,
-        grad: &g2,
-        exp_avg: &mut m2,
-        exp_avg_sq: &mut v2,
-        step: 0,
-    };
+    let refs = TensorRefs::new(&mut p2, &g2, &mut m2, &mut v2, 0);
     assert!(step_tensors(&cfg, &mut [AnyTensor::from(refs)], &opts(1, None)).is_err());
     assert_eq!(p2, vec![1.0; 2]);
 }
 
-/// bf16 and f16: computed in f32 and rounded once on store, so one step equals the f32 scalar
-/// reference on the widened values, narrowed with the `half` crate's rounding, bit for bit, at
-/// every SIMD level and thread count.
+/// bf16 and f16: computed in f32 and rounded once on store (the weight decay, its own step, is
+/// rounded too), so one step equals the f32 scalar reference on the widened values, narrowed
+/// with the `half` crate's rounding, bit for bit, at every SIMD level and thread count.
 fn half_matches_reference<H>(to32: fn(H) -> f32, from32: fn(f32) -> H, bits: fn(H) -> u16)
 where
     H: Copy + std::fmt::Debug,
@@ -409,19 +375,15 @@ where
         // Reference: widen, one f32 step, narrow.
         let w = |xs: &[H]| xs.iter().map(|&x| to32(x)).collect::<Vec<f32>>();
         let (mut rp, rg, mut rm, mut rv) = (w(&p0), w(&g), w(&m0), w(&v0));
-        scalar_f32(&cfg, t, &mut rp, &rg, &mut rm, &mut rv);
+        scalar_rounded(&cfg, t, &mut rp, &rg, &mut rm, &mut rv, &|x| {
+            to32(from32(x))
+        });
         let narrow = |xs: &[f32]| xs.iter().map(|&x| bits(from32(x))).collect::<Vec<u16>>();
         let expected = [narrow(&rp), narrow(&rm), narrow(&rv)];
         for level in SimdLevel::available() {
             for threads in [1, 2] {
                 let (mut p, mut m, mut v) = (p0.clone(), m0.clone(), v0.clone());
-                let refs = TensorRefs {
-                    param: &mut p,
-                    grad: &g,
-                    exp_avg: &mut m,
-                    exp_avg_sq: &mut v,
-                    step: t,
-                };
+                let refs = TensorRefs::new(&mut p, &g, &mut m, &mut v, t);
                 let o = ExecOptions {
                     num_threads: threads,
                     simd: Some(level),

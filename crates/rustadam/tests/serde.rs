@@ -116,3 +116,31 @@ fn mismatched_deserialized_state_is_an_error() {
     );
     assert_eq!((p, s.step), (vec![1.0, 1.0], 1));
 }
+
+#[test]
+fn new_options_round_trip_and_default() {
+    use rustadam::Rounding;
+    for rounding in [Rounding::Nearest, Rounding::Stochastic, Rounding::Kahan] {
+        let cfg = AdamConfig::default()
+            .maximize(true)
+            .amsgrad(true)
+            .rounding(rounding);
+        assert_eq!(round_trip(&cfg), cfg);
+    }
+    // Old checkpoints, without the new keys, read as the defaults.
+    let cfg: AdamConfig = serde_json::from_str(r#"{"lr": 0.5}"#).unwrap();
+    assert!(!cfg.maximize && !cfg.amsgrad && cfg.rounding == Rounding::Nearest);
+}
+
+#[test]
+fn state_with_amsgrad_and_kahan_buffers_round_trips() {
+    let mut state = AdamState::<bf16>::new(2).with_seed(9);
+    state.max_exp_avg_sq = Some(vec![bf16::from_f32(0.5), bf16::ONE]);
+    state.compensation = Some(vec![bf16::from_f32(-1e-3), bf16::ZERO]);
+    assert_eq!(round_trip(&state), state);
+    // A state without them keeps the old layout, and an old layout reads back without them.
+    let plain = AdamState::from_parts(vec![0.5f64], vec![0.25], 1).unwrap();
+    let json = serde_json::to_string(&plain).unwrap();
+    assert_eq!(json, r#"{"exp_avg":[0.5],"exp_avg_sq":[0.25],"step":1}"#);
+    assert_eq!(round_trip(&plain), plain);
+}

@@ -1,0 +1,253 @@
+//! Strided views over memory: what a view touches, whether it is dense, and which views overlap.
+//!
+//! Hosts that hand foreign memory to the kernel (the Python bindings, say) use these pure
+//! functions to decide, before anything is written, whether a buffer can be a slice as it is,
+//! and which buffers of a call share memory.
+
+/// The element offsets a strided view reaches, relative to its first element: `(lowest,
+/// highest)`, both inclusive, or `None` when the view has no element.
+///
+/// ```
+/// use rustadam::layout::offset_range;
+/// assert_eq!(offset_range(&[2, 3], &[3, 1]), Some((0, 5)));
+/// assert_eq!(offset_range(&[4], &[-2]), Some((-6, 0)));
+/// assert_eq!(offset_range(&[0, 3], &[3, 1]), None);
+/// ```
+pub fn offset_range(shape: &[usize], strides: &[isize]) -> Option<(isize, isize)> {
+    if shape.contains(&0) {
+        return None;
+    }
+    let (mut lo, mut hi) = (0isize, 0isize);
+    for (&n, &s) in shape.iter().zip(strides) {
+        let reach = (n as isize - 1).checked_mul(s)?;
+        if reach < 0 {
+            lo = lo.checked_add(reach)?;
+        } else {
+            hi = hi.checked_add(reach)?;
+        }
+    }
+    Some((lo, hi))
+}
+
+/// The dimensions that place elements (length > 1), as `(|stride|, length, stride)` sorted by
+/// `|stride|`.
+fn placing(shape: &[usize], strides: &[isize]) -> Vec<(usize, usize, isize)> {
+    let mut dims: Vec<(usize, usize, isize)> = shape
+        .iter()
+        .zip(strides)
+        .filter(|(&n, _)| n > 1)
+        .map(|(&n, &s)| (s.unsigned_abs(), n, s))
+        .collect();
+    dims.sort_unstable();
+    dims
+}
+
+/// True when the elements fill consecutive slots exactly once in increasing order of some
+/// permutation of the dimensions: the strides of the dimensions longer than 1, sorted, are
+/// 1, n0, n0·n1, … (all positive). Such a view is a plain slice of `numel` elements.
+///
+/// ```
+/// use rustadam::layout::is_dense;
+/// assert!(is_dense(&[2, 3], &[3, 1]));      // contiguous
+/// assert!(is_dense(&[2, 3], &[1, 2]));      // transposed
+/// assert!(!is_dense(&[2, 3], &[6, 2]));     // every other element
+/// assert!(!is_dense(&[3], &[-1]));          // reversed
+/// ```
+pub fn is_dense(shape: &[usize], strides: &[isize]) -> bool {
+    let mut expected = 1usize;
+    for (_, n, s) in placing(shape, strides) {
+        if s <= 0 || s as usize != expected {
+            return false;
+        }
+        expected = match expected.checked_mul(n) {
+            Some(e) => e,
+            None => return false,
+        };
+    }
+    true
+}
+
+/// True when no two elements of the view share a memory slot, proven by the sufficient test
+/// torch uses: sorted by |stride|, each stride exceeds the furthest reach of the smaller ones.
+/// A view it cannot prove (some interleavings) counts as overlapping, which is safe for a view
+/// that is written.
+///
+/// ```
+/// use rustadam::layout::is_non_overlapping;
+/// assert!(is_non_overlapping(&[2, 3], &[6, 2]));
+/// assert!(!is_non_overlapping(&[2, 3], &[0, 1]));   // expanded
+/// assert!(!is_non_overlapping(&[3, 3], &[1, 1]));   // diagonal windows
+/// ```
+pub fn is_non_overlapping(shape: &[usize], strides: &[isize]) -> bool {
+    let mut reach = 0usize;
+    for (abs, n, _) in placing(shape, strides) {
+        if abs <= reach {
+            return false;
+        }
+        reach = match abs.checked_mul(n - 1).and_then(|r| r.checked_add(reach)) {
+            Some(r) => r,
+            None => return false,
+        };
+    }
+    true
+}
+
+/// A byte range `[start, end)` one buffer of a call occupies, and whether the call writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// First byte.
+    pub start: usize,
+    /// One past the last byte.
+    pub end: usize,
+    /// Whether the call writes the buffer (reads may share memory with each other).
+    pub written: bool,
+}
+
+/// Every pair of spans `(i, j)`, `i < j`, that share a byte where at least one is written.
+/// Empty spans overlap nothing.
+///
+/// A sweep over the spans sorted by start: it compares each span with those still open, so it
+/// costs O(n log n) plus the number of open spans met, which is small unless many overlap.
+///
+/// ```
+/// use rustadam::layout::{conflicts, Span};
+/// let s = |start, end, written| Span { start, end, written };
+/// assert_eq!(conflicts(&[s(0, 8, true), s(8, 16, true)]), vec![]);
+/// assert_eq!(conflicts(&[s(0, 8, false), s(4, 16, false)]), vec![]);
+/// assert_eq!(conflicts(&[s(0, 8, false), s(4, 16, true)]), vec![(0, 1)]);
+/// ```
+pub fn conflicts(spans: &[Span]) -> Vec<(usize, usize)> {
+    let mut order: Vec<usize> = (0..spans.len())
+        .filter(|&i| spans[i].start < spans[i].end)
+        .collect();
+    order.sort_unstable_by_key(|&i| (spans[i].start, i));
+    let mut open: Vec<usize> = Vec::new();
+    let mut found = Vec::new();
+    for &i in &order {
+        let s = spans[i];
+        open.retain(|&j| spans[j].end > s.start);
+        for &j in &open {
+            if s.written || spans[j].written {
+                found.push((i.min(j), i.max(j)));
+            }
+        }
+        open.push(i);
+    }
+    found.sort_unstable();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every element offset of a view, by enumeration.
+    fn offsets(shape: &[usize], strides: &[isize]) -> Vec<isize> {
+        let mut out = vec![0isize];
+        for (&n, &s) in shape.iter().zip(strides) {
+            out = out
+                .iter()
+                .flat_map(|&o| (0..n as isize).map(move |k| o + k * s))
+                .collect();
+        }
+        out
+    }
+
+    /// Small pseudo-random views: shapes up to 3 dims of length 0..4, strides -6..=6.
+    fn views() -> Vec<(Vec<usize>, Vec<isize>)> {
+        let mut out = Vec::new();
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..4000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let ndim = (x % 4) as usize;
+            let shape: Vec<usize> = (0..ndim)
+                .map(|d| ((x >> (8 + 4 * d)) % 5) as usize)
+                .collect();
+            let strides: Vec<isize> = (0..ndim)
+                .map(|d| ((x >> (24 + 5 * d)) % 13) as isize - 6)
+                .collect();
+            out.push((shape, strides));
+        }
+        out
+    }
+
+    #[test]
+    fn offset_range_matches_enumeration() {
+        for (shape, strides) in views() {
+            let all = offsets(&shape, &strides);
+            let expected = if shape.contains(&0) {
+                None
+            } else {
+                Some((*all.iter().min().unwrap(), *all.iter().max().unwrap()))
+            };
+            assert_eq!(
+                offset_range(&shape, &strides),
+                expected,
+                "{shape:?} {strides:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn dense_and_non_overlapping_match_enumeration() {
+        for (shape, strides) in views() {
+            let mut all = offsets(&shape, &strides);
+            if shape.contains(&0) {
+                continue;
+            }
+            let n = all.len();
+            all.sort_unstable();
+            let distinct = all.windows(2).all(|w| w[0] != w[1]);
+            let consecutive = all[0] == 0 && all[n - 1] == n as isize - 1 && distinct;
+            // Dense means one slot each of 0..n, reached with non-negative strides.
+            if is_dense(&shape, &strides) {
+                assert!(consecutive, "{shape:?} {strides:?}");
+            } else if consecutive {
+                // Only a negative stride can make consecutive slots not dense.
+                assert!(
+                    shape.iter().zip(&strides).any(|(&l, &s)| l > 1 && s < 0),
+                    "{shape:?} {strides:?}"
+                );
+            }
+            // The sufficient test never calls an overlapping view non-overlapping.
+            if is_non_overlapping(&shape, &strides) {
+                assert!(distinct, "{shape:?} {strides:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn conflicts_match_brute_force() {
+        let mut x: u64 = 12345;
+        for round in 0..300 {
+            let n = 1 + round % 12;
+            let spans: Vec<Span> = (0..n)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let start = ((x >> 33) % 64) as usize;
+                    let len = ((x >> 45) % 12) as usize;
+                    Span {
+                        start,
+                        end: start + len,
+                        written: (x >> 60).is_multiple_of(2),
+                    }
+                })
+                .collect();
+            let mut expected = Vec::new();
+            for i in 0..n {
+                for j in i + 1..n {
+                    let (a, b) = (spans[i], spans[j]);
+                    let share = a.start.max(b.start) < a.end.min(b.end);
+                    if share && (a.written || b.written) {
+                        expected.push((i, j));
+                    }
+                }
+            }
+            assert_eq!(conflicts(&spans), expected, "{spans:?}");
+        }
+    }
+}
