@@ -7,14 +7,14 @@
 //! arrays and any array passed twice where one of the uses writes, before anything is written.
 //! The kernel runs with the GIL released.
 
-use crate::config;
+use crate::config::Config;
 use numpy::prelude::*;
 use numpy::{
     dtype, BorrowError, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
 };
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use rustadam::{AdamConfig, AnyTensor, ExecOptions, TensorRefs};
+use rustadam::{layout, AdamConfig, AnyTensor, ExecOptions, TensorRefs};
 
 /// The arguments' names, in the order a parameter's arrays are checked and borrowed.
 const NAMES: [&str; 4] = ["param", "grad", "exp_avg", "exp_avg_sq"];
@@ -106,6 +106,7 @@ struct Span {
     start: usize,
     end: usize,
     name: String,
+    written: bool,
 }
 
 /// Turns a failed borrow into a message naming both arguments where the conflict is ours.
@@ -160,22 +161,42 @@ fn borrow_entry<'py, T: numpy::Element>(
     let param = arrays[0]
         .try_readwrite()
         .map_err(|e| borrow_error(e, &name, start, end, spans))?;
-    spans.push(Span { start, end, name });
+    spans.push(Span {
+        start,
+        end,
+        name,
+        written: true,
+    });
     let (name, start, end) = take(1);
     let grad = arrays[1]
         .try_readonly()
         .map_err(|e| borrow_error(e, &name, start, end, spans))?;
-    spans.push(Span { start, end, name });
+    spans.push(Span {
+        start,
+        end,
+        name,
+        written: false,
+    });
     let (name, start, end) = take(2);
     let exp_avg = arrays[2]
         .try_readwrite()
         .map_err(|e| borrow_error(e, &name, start, end, spans))?;
-    spans.push(Span { start, end, name });
+    spans.push(Span {
+        start,
+        end,
+        name,
+        written: true,
+    });
     let (name, start, end) = take(3);
     let exp_avg_sq = arrays[3]
         .try_readwrite()
         .map_err(|e| borrow_error(e, &name, start, end, spans))?;
-    spans.push(Span { start, end, name });
+    spans.push(Span {
+        start,
+        end,
+        name,
+        written: true,
+    });
     Ok(Borrowed {
         param,
         grad,
@@ -187,13 +208,35 @@ fn borrow_entry<'py, T: numpy::Element>(
 
 fn refs<'a, T: numpy::Element>(b: &'a mut Borrowed<'_, T>) -> PyResult<TensorRefs<'a, T>> {
     let err = |_| PyValueError::new_err("an array is not contiguous and aligned");
-    Ok(TensorRefs {
-        param: b.param.as_slice_mut().map_err(err)?,
-        grad: b.grad.as_slice().map_err(err)?,
-        exp_avg: b.exp_avg.as_slice_mut().map_err(err)?,
-        exp_avg_sq: b.exp_avg_sq.as_slice_mut().map_err(err)?,
-        step: b.step,
-    })
+    Ok(TensorRefs::new(
+        b.param.as_slice_mut().map_err(err)?,
+        b.grad.as_slice().map_err(err)?,
+        b.exp_avg.as_slice_mut().map_err(err)?,
+        b.exp_avg_sq.as_slice_mut().map_err(err)?,
+        b.step,
+    ))
+}
+
+/// Refuses arrays that share memory where one is written, by their memory extents: rust-numpy's
+/// borrow tracking knows arrays by their base objects, and two arrays made by
+/// `numpy.frombuffer` over one buffer have none in common.
+fn check_disjoint(spans: &[Span]) -> PyResult<()> {
+    let ranges: Vec<layout::Span> = spans
+        .iter()
+        .map(|s| layout::Span {
+            start: s.start,
+            end: s.end,
+            written: s.written,
+        })
+        .collect();
+    match layout::conflicts(&ranges).first() {
+        None => Ok(()),
+        Some(&(a, b)) => Err(PyValueError::new_err(format!(
+            "{} shares memory with {}: every param, exp_avg and exp_avg_sq must be its own \
+             array, apart from every other array of the call",
+            spans[b].name, spans[a].name
+        ))),
+    }
 }
 
 fn check_step(step: i64, index: Option<usize>) -> PyResult<u64> {
@@ -252,6 +295,7 @@ fn run(
             DType::F64 => Entry::F64(borrow_entry(objs, index, *step, &mut spans)?),
         });
     }
+    check_disjoint(&spans)?;
     let mut tensors: Vec<AnyTensor<'_>> = entries
         .iter_mut()
         .map(|e| match e {
@@ -259,10 +303,11 @@ fn run(
             Entry::F64(b) => refs(b).map(AnyTensor::from),
         })
         .collect::<PyResult<_>>()?;
-    let opts = ExecOptions {
-        num_threads: num_threads.unwrap_or_else(|| ExecOptions::default().num_threads),
-        ..ExecOptions::default()
-    };
+    let opts = crate::threads::options(
+        num_threads.unwrap_or_else(|| ExecOptions::default().num_threads),
+        None,
+        None,
+    )?;
     py.detach(|| rustadam::step_tensors(cfg, &mut tensors, &opts))
         .map_err(|e| PyValueError::new_err(e.to_string()))
 }
@@ -274,10 +319,7 @@ fn run(
 /// (1 on the first). Raises TypeError or ValueError naming the argument at fault, before
 /// anything is written.
 #[pyfunction]
-#[pyo3(signature = (
-    param, grad, exp_avg, exp_avg_sq, step, *, lr, beta1, beta2, eps, weight_decay,
-    weight_decouple, absolute, optimized_update, num_threads=None
-))]
+#[pyo3(signature = (param, grad, exp_avg, exp_avg_sq, step, config, *, num_threads=None))]
 #[allow(clippy::too_many_arguments)]
 fn numpy_adam_step<'py>(
     py: Python<'py>,
@@ -286,38 +328,29 @@ fn numpy_adam_step<'py>(
     exp_avg: Bound<'py, PyAny>,
     exp_avg_sq: Bound<'py, PyAny>,
     step: i64,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    weight_decouple: bool,
-    absolute: bool,
-    optimized_update: bool,
+    config: Bound<'py, Config>,
     num_threads: Option<usize>,
 ) -> PyResult<()> {
-    let cfg = config(
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        weight_decouple,
-        absolute,
-        optimized_update,
-    )?;
     let items = vec![([param, grad, exp_avg, exp_avg_sq], step)];
-    run(py, items, true, &cfg, num_threads)
+    run(py, items, true, &supported(&config)?, num_threads)
+}
+
+/// The config of a numpy call: the options that need more buffers are refused.
+fn supported(config: &Bound<'_, Config>) -> PyResult<AdamConfig> {
+    let cfg = config.get().inner;
+    if cfg.amsgrad || cfg.rounding != rustadam::Rounding::Nearest {
+        return Err(PyValueError::new_err(
+            "rustadam.numpy does not take amsgrad or a rounding mode other than 'nearest'",
+        ));
+    }
+    Ok(cfg)
 }
 
 /// One Adam step of many parameters' numpy arrays in one call (lists of equal length; a
 /// parameter's four arrays share a dtype, parameters may differ). Nothing is written unless
 /// every entry passes its checks.
 #[pyfunction]
-#[pyo3(signature = (
-    params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay,
-    weight_decouple, absolute, optimized_update, num_threads=None
-))]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, steps, config, *, num_threads=None))]
 #[allow(clippy::too_many_arguments)]
 fn numpy_adam_step_many<'py>(
     py: Python<'py>,
@@ -326,14 +359,7 @@ fn numpy_adam_step_many<'py>(
     exp_avgs: Vec<Bound<'py, PyAny>>,
     exp_avg_sqs: Vec<Bound<'py, PyAny>>,
     steps: Vec<i64>,
-    lr: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-    weight_decouple: bool,
-    absolute: bool,
-    optimized_update: bool,
+    config: Bound<'py, Config>,
     num_threads: Option<usize>,
 ) -> PyResult<()> {
     let n = params.len();
@@ -350,16 +376,7 @@ fn numpy_adam_step_many<'py>(
             steps.len()
         )));
     }
-    let cfg = config(
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        weight_decouple,
-        absolute,
-        optimized_update,
-    )?;
+    let cfg = supported(&config)?;
     let items = params
         .into_iter()
         .zip(grads)

@@ -19,13 +19,52 @@ unsafe extern "C" {
 
 /// `GOMP_parallel` of the OpenMP runtime already loaded in the process (torch's), if any.
 ///
-/// Not in a child made by fork() after the lookup: libgomp's team outlives fork() in memory but
-/// not its threads, so a parallel region there never ends (torch's own ones included); the
-/// core's own pool, rebuilt per process, runs the step instead.
+/// Never in a child made by fork(): libgomp's team outlives fork() in memory but not its
+/// threads, so a parallel region there never ends (torch's own ones included); the core's own
+/// pool, rebuilt per process, runs the step instead.
 fn gomp_parallel() -> Option<GompParallel> {
-    static FOUND: OnceLock<(u32, Option<GompParallel>)> = OnceLock::new();
-    let (pid, found) = *FOUND.get_or_init(|| (std::process::id(), lookup()));
-    found.filter(|_| pid == std::process::id())
+    static FOUND: OnceLock<Option<GompParallel>> = OnceLock::new();
+    if FORKED.load(Ordering::Relaxed) {
+        return None;
+    }
+    *FOUND.get_or_init(lookup)
+}
+
+/// Set in a child made by fork() (after `watch_fork`): the parent's OpenMP team is not to be
+/// used there, whenever the child's first step comes.
+static FORKED: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process is a child made by fork() after the extension was loaded.
+pub fn forked() -> bool {
+    FORKED.load(Ordering::Relaxed)
+}
+
+extern "C" fn in_child() {
+    FORKED.store(true, Ordering::Relaxed);
+}
+
+#[cfg(unix)]
+unsafe extern "C" {
+    fn pthread_atfork(
+        prepare: Option<extern "C" fn()>,
+        parent: Option<extern "C" fn()>,
+        child: Option<extern "C" fn()>,
+    ) -> std::ffi::c_int;
+}
+
+/// Makes every child made by fork() from now on step on the core's own pool (rebuilt per
+/// process), never on the OpenMP team it inherited without its threads. Called once, when the
+/// extension is loaded.
+pub fn watch_fork() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        #[cfg(unix)]
+        // SAFETY: registers a handler that only stores to an atomic, which is async-signal-safe
+        // as a child handler of fork() must be.
+        unsafe {
+            pthread_atfork(None, None, Some(in_child));
+        }
+    });
 }
 
 #[cfg(target_os = "linux")]

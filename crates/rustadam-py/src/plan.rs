@@ -1,0 +1,718 @@
+//! The checked plan of one step: every buffer of every parameter of every group is read and
+//! checked before anything is written, and the only way to a slice over foreign memory is
+//! through a [`Plan`].
+//!
+//! A plan holds the storage of each buffer it will touch, so their memory outlives the step
+//! whatever other threads do to the tensors while the GIL is released. The one precondition
+//! left to the user is torch's own: no concurrent `resize_` of a storage being stepped.
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+use rustadam::layout::{self, Span};
+use rustadam::{bf16, f16, AdamConfig, AnyTensor, Element, ExecOptions, Rounding, TensorRefs};
+
+use crate::config::Config;
+use crate::registry;
+use crate::tensor::{self, DType, Meta, Refusal, Torch};
+use crate::threads;
+
+/// The buffers of one parameter, by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Param,
+    Grad,
+    ExpAvg,
+    ExpAvgSq,
+    MaxExpAvgSq,
+    Compensation,
+}
+
+impl Role {
+    const ALL: [Role; 6] = [
+        Role::Param,
+        Role::Grad,
+        Role::ExpAvg,
+        Role::ExpAvgSq,
+        Role::MaxExpAvgSq,
+        Role::Compensation,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Role::Param => "param",
+            Role::Grad => "grad",
+            Role::ExpAvg => "exp_avg",
+            Role::ExpAvgSq => "exp_avg_sq",
+            Role::MaxExpAvgSq => "max_exp_avg_sq",
+            Role::Compensation => "compensation",
+        }
+    }
+
+    fn written(self) -> bool {
+        self != Role::Grad
+    }
+}
+
+/// Why a parameter is not stepped by the core: `Deferred` ones may go to the torch path,
+/// `Fatal` ones make the whole step fail.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Problem {
+    /// The core does not take this buffer; torch's ops can.
+    Deferred(Role, Refusal),
+    /// A buffer of another dtype than the parameter.
+    DTypeMismatch(Role),
+    /// A buffer of another shape than the parameter.
+    ShapeMismatch(Role),
+    /// Two buffers of the parameter share memory.
+    SharedWith(Role, Role),
+    /// A written buffer whose elements may share memory (an expanded view).
+    SelfOverlap(Role),
+    /// The buffer's view does not fit its storage.
+    Storage(Role, Refusal),
+}
+
+impl Problem {
+    fn message(&self, meta_shape: impl Fn(Role) -> String) -> String {
+        match self {
+            Problem::Deferred(r, why) | Problem::Storage(r, why) => format!("{}: {why}", r.name()),
+            Problem::DTypeMismatch(r) => format!("its {} has another dtype than it", r.name()),
+            Problem::ShapeMismatch(r) => format!(
+                "its {} has shape {} but the parameter has {}",
+                r.name(),
+                meta_shape(*r),
+                meta_shape(Role::Param)
+            ),
+            Problem::SharedWith(a, b) => {
+                format!("its {} shares memory with its {}", a.name(), b.name())
+            }
+            Problem::SelfOverlap(r) => format!(
+                "its {} has elements that share memory (an expanded view?); it is written in \
+                 place",
+                r.name()
+            ),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Problem::Deferred(..) => "unsupported",
+            _ => "fatal",
+        }
+    }
+}
+
+/// One parameter's checked buffers.
+struct Item {
+    group: usize,
+    /// By `Role` order; the last two only when the group's config asks for them.
+    bufs: Vec<Option<Meta>>,
+    step: u64,
+    seed: u64,
+    /// Every buffer is dense with the parameter's strides: the kernel runs on them in place.
+    in_place: bool,
+    /// It shares memory with another parameter of the step: stepped alone, in order.
+    sequential: bool,
+}
+
+impl Item {
+    fn buf(&self, r: Role) -> Option<&Meta> {
+        self.bufs.get(r as usize).and_then(Option::as_ref)
+    }
+}
+
+/// Everything one step will do, checked. Built by `plan()`, run once by `execute()`.
+#[pyclass(module = "rustadam._core")]
+pub(crate) struct Plan {
+    configs: Vec<AdamConfig>,
+    items: Vec<Item>,
+    /// Parameters the core leaves to the torch path: (group, index, reason).
+    #[pyo3(get)]
+    deferred: Vec<(usize, usize, String)>,
+    done: bool,
+}
+
+/// A group's lists, as the Python side passes them (a tuple in this order).
+pub(crate) struct GroupInput<'py> {
+    config: Bound<'py, Config>,
+    params: Vec<Bound<'py, PyAny>>,
+    grads: Vec<Bound<'py, PyAny>>,
+    exp_avgs: Vec<Bound<'py, PyAny>>,
+    exp_avg_sqs: Vec<Bound<'py, PyAny>>,
+    max_exp_avg_sqs: Option<Vec<Bound<'py, PyAny>>>,
+    compensations: Option<Vec<Option<Bound<'py, PyAny>>>>,
+    steps: Vec<u64>,
+    seeds: Vec<u64>,
+}
+
+/// An error naming the group, parameter and reason, as a Python `rustadam._core.StepError`.
+fn refused(group: usize, index: usize, kind: &str, reason: String) -> PyErr {
+    crate::StepError::new_err((group, index, kind.to_string(), reason))
+}
+
+fn read_item(
+    th: &Torch,
+    group: usize,
+    index: usize,
+    objs: &[Option<&Bound<'_, PyAny>>; 6],
+    step: u64,
+    seed: u64,
+) -> PyResult<Result<Item, Problem>> {
+    let mut bufs: Vec<Option<Meta>> = Vec::with_capacity(6);
+    for (r, obj) in Role::ALL.iter().zip(objs) {
+        let Some(obj) = obj else {
+            bufs.push(None);
+            continue;
+        };
+        let what = format!("param_groups[{group}] {}s[{index}]", r.name());
+        match tensor::read(obj, th, &what)? {
+            Ok(m) => bufs.push(Some(m)),
+            Err(why @ (Refusal::OutsideStorage { .. } | Refusal::NoData)) => {
+                return Ok(Err(Problem::Storage(*r, why)))
+            }
+            Err(why) => return Ok(Err(Problem::Deferred(*r, why))),
+        }
+    }
+    let mut item = Item {
+        group,
+        bufs,
+        step,
+        seed,
+        in_place: false,
+        sequential: false,
+    };
+    Ok(check_item(&mut item).map(|()| item))
+}
+
+/// The checks between one parameter's own buffers.
+fn check_item(item: &mut Item) -> Result<(), Problem> {
+    let p = item.buf(Role::Param).expect("a parameter");
+    for &r in &Role::ALL[1..] {
+        let Some(b) = item.buf(r) else { continue };
+        if (b.dtype, b.complex) != (p.dtype, p.complex) {
+            return Err(Problem::DTypeMismatch(r));
+        }
+        if b.shape != p.shape {
+            return Err(Problem::ShapeMismatch(r));
+        }
+    }
+    for &r in &Role::ALL {
+        let Some(b) = item.buf(r) else { continue };
+        if r.written() && b.numel > 1 && !layout::is_non_overlapping(&b.shape, &b.strides) {
+            return Err(Problem::SelfOverlap(r));
+        }
+    }
+    let spans: Vec<(Role, Span)> = Role::ALL
+        .iter()
+        .filter_map(|&r| item.buf(r).map(|b| (r, span(r, b))))
+        .collect();
+    let only: Vec<Span> = spans.iter().map(|s| s.1).collect();
+    if let Some(&(a, b)) = layout::conflicts(&only).first() {
+        return Err(Problem::SharedWith(spans[b].0, spans[a].0));
+    }
+    item.in_place = p.is_dense()
+        && item
+            .bufs
+            .iter()
+            .flatten()
+            .all(|b| b.numel <= 1 || (b.strides == p.strides && b.is_dense()));
+    Ok(())
+}
+
+fn span(r: Role, m: &Meta) -> Span {
+    let (start, end) = m.byte_span();
+    Span {
+        start,
+        end,
+        written: r.written(),
+    }
+}
+
+/// Reads and checks every buffer of every group; see `plan` in the module.
+pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -> PyResult<Plan> {
+    let th = tensor::torch(py)?;
+    let mut configs = Vec::with_capacity(groups.len());
+    let mut items = Vec::new();
+    let mut deferred = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        let cfg = g.config.get().inner;
+        let n = g.params.len();
+        let lengths = [
+            g.grads.len(),
+            g.exp_avgs.len(),
+            g.exp_avg_sqs.len(),
+            g.steps.len(),
+            g.seeds.len(),
+            g.max_exp_avg_sqs.as_ref().map_or(n, Vec::len),
+            g.compensations.as_ref().map_or(n, Vec::len),
+        ];
+        if lengths.iter().any(|&l| l != n) {
+            return Err(PyValueError::new_err(format!(
+                "group {gi}: every list must have one entry per parameter"
+            )));
+        }
+        if cfg.amsgrad != g.max_exp_avg_sqs.is_some() {
+            return Err(PyValueError::new_err(format!(
+                "group {gi}: max_exp_avg_sqs must be given exactly when amsgrad is set"
+            )));
+        }
+        for i in 0..n {
+            if g.steps[i] == 0 || g.steps[i] > i64::MAX as u64 {
+                return Err(refused(
+                    gi,
+                    i,
+                    "fatal",
+                    format!(
+                        "its step count after this update would be {}; it counts updates \
+                         from 1 and must fit in 63 bits",
+                        g.steps[i]
+                    ),
+                ));
+            }
+            let objs = [
+                Some(&g.params[i]),
+                Some(&g.grads[i]),
+                Some(&g.exp_avgs[i]),
+                Some(&g.exp_avg_sqs[i]),
+                g.max_exp_avg_sqs.as_ref().map(|v| &v[i]),
+                g.compensations.as_ref().and_then(|v| v[i].as_ref()),
+            ];
+            match read_item(th, gi, i, &objs, g.steps[i], g.seeds[i])? {
+                Ok(item) => {
+                    let half = matches!(
+                        item.buf(Role::Param).map(|p| p.dtype),
+                        Some(DType::BF16 | DType::F16)
+                    );
+                    if cfg.rounding == Rounding::Kahan
+                        && half
+                        && item.buf(Role::Compensation).is_none()
+                    {
+                        return Err(refused(
+                            gi,
+                            i,
+                            "fatal",
+                            "rounding='kahan' needs a compensation buffer for a 16-bit parameter"
+                                .into(),
+                        ));
+                    }
+                    items.push(item);
+                }
+                Err(problem @ Problem::Deferred(..)) if !strict => {
+                    deferred.push((gi, i, problem.message(|_| String::new())));
+                }
+                Err(problem) => {
+                    let shape_of = |r: Role| {
+                        objs[r as usize]
+                            .and_then(|o| o.getattr("shape").ok())
+                            .map_or_else(String::new, |s| s.to_string())
+                    };
+                    return Err(refused(gi, i, problem.kind(), problem.message(shape_of)));
+                }
+            }
+        }
+        configs.push(cfg);
+    }
+    mark_shared(&mut items);
+    Ok(Plan {
+        configs,
+        items,
+        deferred,
+        done: false,
+    })
+}
+
+/// Parameters whose buffers share memory with another parameter's (where one writes) are
+/// stepped alone, in order, as a loop over the parameters would.
+fn mark_shared(items: &mut [Item]) {
+    let mut spans = Vec::new();
+    let mut owner = Vec::new();
+    for (k, item) in items.iter().enumerate() {
+        for &r in &Role::ALL {
+            if let Some(b) = item.buf(r) {
+                spans.push(span(r, b));
+                owner.push(k);
+            }
+        }
+    }
+    for (a, b) in layout::conflicts(&spans) {
+        if owner[a] != owner[b] {
+            items[owner[a]].sequential = true;
+            items[owner[b]].sequential = true;
+        }
+    }
+}
+
+/// The view's elements in row-major order of its (real) dimensions.
+fn offsets(m: &Meta, mut f: impl FnMut(isize)) {
+    if m.numel == 0 {
+        return;
+    }
+    let nd = m.shape.len();
+    let mut idx = vec![0usize; nd];
+    let mut off = 0isize;
+    loop {
+        f(off);
+        let mut d = nd;
+        loop {
+            if d == 0 {
+                return;
+            }
+            d -= 1;
+            idx[d] += 1;
+            off += m.strides[d];
+            if idx[d] < m.shape[d] {
+                break;
+            }
+            off -= m.strides[d] * m.shape[d] as isize;
+            idx[d] = 0;
+        }
+    }
+}
+
+/// A buffer's elements copied out in row-major order.
+///
+/// # Safety
+/// `m` comes from a [`Plan`]: every offset of its view lies in a storage the plan holds, with
+/// elements of type `E`, and no other thread writes them during the call.
+unsafe fn gather<E: Copy>(m: &Meta) -> Vec<E> {
+    let mut out = Vec::with_capacity(m.numel);
+    let base = m.ptr as *const E;
+    // SAFETY: each offset is inside the checked view (the function's contract).
+    offsets(m, |o| out.push(unsafe { base.offset(o).read() }));
+    out
+}
+
+/// Writes `data` back into a buffer in row-major order.
+///
+/// # Safety
+/// As for [`gather`], and no two elements of the view share memory (checked for written
+/// buffers by `check_item`).
+unsafe fn scatter<E: Copy>(m: &Meta, data: &[E]) {
+    let base = m.ptr as *mut E;
+    let mut k = 0;
+    offsets(m, |o| {
+        // SAFETY: as the function's contract states; `data` has one value per element.
+        unsafe { base.offset(o).write(data[k]) };
+        k += 1;
+    });
+}
+
+/// A dense buffer as a mutable slice.
+///
+/// # Safety
+/// `m` comes from a [`Plan`], is dense (so its elements are the `numel` slots from `ptr`),
+/// and no other slice or thread touches that memory while the returned slice lives.
+unsafe fn slice_mut<'a, E>(m: &Meta) -> &'a mut [E] {
+    if m.numel == 0 {
+        return &mut [];
+    }
+    // SAFETY: as the function's contract states.
+    unsafe { std::slice::from_raw_parts_mut(m.ptr as *mut E, m.numel) }
+}
+
+/// A dense buffer as a shared slice.
+///
+/// # Safety
+/// As for [`slice_mut`], except that other shared slices may overlap it.
+unsafe fn slice<'a, E>(m: &Meta) -> &'a [E] {
+    if m.numel == 0 {
+        return &[];
+    }
+    // SAFETY: as the function's contract states.
+    unsafe { std::slice::from_raw_parts(m.ptr as *const E, m.numel) }
+}
+
+/// The buffers of one parameter for the kernel: slices of its own memory (in place), or of
+/// gathered copies that are scattered back afterwards.
+struct Work<'a, E> {
+    item: &'a Item,
+    copies: Option<Vec<Vec<E>>>,
+}
+
+impl<'a, E: Element> Work<'a, E> {
+    /// # Safety
+    /// `item` comes from a [`Plan`] whose buffers have element type `E`, and no other
+    /// `Work` of this call covers memory of `item` unless both only read it.
+    unsafe fn new(item: &'a Item) -> Self {
+        let copies = (!item.in_place).then(|| {
+            item.bufs
+                .iter()
+                // SAFETY: the contract of `new`.
+                .map(|b| b.as_ref().map_or_else(Vec::new, |m| unsafe { gather(m) }))
+                .collect()
+        });
+        Self { item, copies }
+    }
+
+    /// The kernel's view of the buffers.
+    ///
+    /// # Safety
+    /// As for [`Work::new`]; the refs must be dropped before `finish`.
+    unsafe fn refs(&mut self) -> TensorRefs<'_, E> {
+        let item = self.item;
+        // Gradients may share memory with each other (they are only read), so a gradient is
+        // never made a mutable slice.
+        let mut slots: Vec<Option<&mut [E]>> = Vec::with_capacity(Role::ALL.len());
+        let mut grad: &[E] = &[];
+        match &mut self.copies {
+            Some(copies) => {
+                for ((c, b), r) in copies.iter_mut().zip(&item.bufs).zip(Role::ALL) {
+                    match b {
+                        Some(_) if r.written() => slots.push(Some(c.as_mut_slice())),
+                        Some(_) => {
+                            grad = c.as_slice();
+                            slots.push(None);
+                        }
+                        None => slots.push(None),
+                    }
+                }
+            }
+            None => {
+                for (b, r) in item.bufs.iter().zip(Role::ALL) {
+                    match b {
+                        // SAFETY: in place means every buffer is dense (contract of `new`).
+                        Some(m) if r.written() => slots.push(Some(unsafe { slice_mut(m) })),
+                        Some(m) => {
+                            // SAFETY: as above; a shared slice.
+                            grad = unsafe { slice(m) };
+                            slots.push(None);
+                        }
+                        None => slots.push(None),
+                    }
+                }
+            }
+        }
+        let mut take = |r: Role| slots[r as usize].take();
+        let param = take(Role::Param).expect("param");
+        let exp_avg = take(Role::ExpAvg).expect("exp_avg");
+        let exp_avg_sq = take(Role::ExpAvgSq).expect("exp_avg_sq");
+        let mut refs =
+            TensorRefs::new(param, grad, exp_avg, exp_avg_sq, item.step).with_seed(item.seed);
+        if let Some(b) = take(Role::MaxExpAvgSq) {
+            refs = refs.with_max_exp_avg_sq(b);
+        }
+        if let Some(b) = take(Role::Compensation) {
+            refs = refs.with_compensation(b);
+        }
+        refs
+    }
+
+    /// Scatters gathered copies back into the written buffers.
+    ///
+    /// # Safety
+    /// As for [`Work::new`].
+    unsafe fn finish(self) {
+        let Some(copies) = self.copies else { return };
+        for (r, (b, c)) in Role::ALL.iter().zip(self.item.bufs.iter().zip(&copies)) {
+            if let (true, Some(m)) = (r.written(), b) {
+                // SAFETY: the contract of `new`; written buffers were checked non-overlapping.
+                unsafe { scatter(m, c) };
+            }
+        }
+    }
+}
+
+/// The `Work`s of the items whose element type is `E`.
+///
+/// # Safety
+/// As for [`Work::new`].
+unsafe fn works<'a, E: Element>(items: &[&'a Item]) -> Vec<Work<'a, E>> {
+    items
+        .iter()
+        .filter(|it| it.buf(Role::Param).map(|p| p.dtype) == Some(dtype_of::<E>()))
+        // SAFETY: the filter gives buffers of type `E`; the rest is the function's contract.
+        .map(|it| unsafe { Work::new(it) })
+        .collect()
+}
+
+/// Appends the kernel's view of each `Work` to `tensors`.
+///
+/// # Safety
+/// As for [`Work::refs`].
+unsafe fn push_refs<'a, E: Element>(tensors: &mut Vec<AnyTensor<'a>>, works: &'a mut [Work<'_, E>])
+where
+    AnyTensor<'a>: From<TensorRefs<'a, E>>,
+{
+    for w in works {
+        // SAFETY: the function's contract.
+        tensors.push(AnyTensor::from(unsafe { w.refs() }));
+    }
+}
+
+/// Scatters every `Work`'s copies back.
+///
+/// # Safety
+/// As for [`Work::finish`].
+unsafe fn finish_all<E: Element>(works: Vec<Work<'_, E>>) {
+    for w in works {
+        // SAFETY: the function's contract.
+        unsafe { w.finish() };
+    }
+}
+
+/// Runs the kernel over `items` (all of one group), one call for all of them.
+///
+/// # Safety
+/// The items come from a [`Plan`] and touch no memory another item of the call writes.
+unsafe fn run_group(
+    cfg: &AdamConfig,
+    items: &[&Item],
+    opts: &ExecOptions,
+    roofline: bool,
+) -> Result<(), String> {
+    // SAFETY: the function's contract; the refs are dropped at the end of the
+    // inner block, before the copies are scattered back.
+    unsafe {
+        let (mut w32, mut w64) = (works::<f32>(items), works::<f64>(items));
+        let (mut wbf, mut wf16) = (works::<bf16>(items), works::<f16>(items));
+        {
+            let mut tensors: Vec<AnyTensor<'_>> = Vec::with_capacity(items.len());
+            push_refs(&mut tensors, &mut w32);
+            push_refs(&mut tensors, &mut w64);
+            push_refs(&mut tensors, &mut wbf);
+            push_refs(&mut tensors, &mut wf16);
+            if roofline {
+                rustadam::roofline(&mut tensors, opts)
+            } else {
+                rustadam::step_tensors(cfg, &mut tensors, opts)
+            }
+            .map_err(|e| e.to_string())?;
+        }
+        finish_all(w32);
+        finish_all(w64);
+        finish_all(wbf);
+        finish_all(wf16);
+    }
+    Ok(())
+}
+
+fn dtype_of<E: 'static>() -> DType {
+    use std::any::TypeId;
+    let t = TypeId::of::<E>();
+    if t == TypeId::of::<f32>() {
+        DType::F32
+    } else if t == TypeId::of::<f64>() {
+        DType::F64
+    } else if t == TypeId::of::<bf16>() {
+        DType::BF16
+    } else {
+        DType::F16
+    }
+}
+
+impl Plan {
+    /// Every byte range the plan touches, for the registry of running steps.
+    fn spans(&self) -> Vec<Span> {
+        self.items
+            .iter()
+            .flat_map(|it| {
+                Role::ALL
+                    .iter()
+                    .filter_map(move |&r| it.buf(r).map(|b| span(r, b)))
+            })
+            .collect()
+    }
+
+    /// Runs the plan: first every parameter that shares no memory with another (one kernel
+    /// call per group), then the others one at a time in order.
+    pub(crate) fn run(
+        &mut self,
+        py: Python<'_>,
+        opts: ExecOptions,
+        roofline: bool,
+    ) -> PyResult<()> {
+        if self.done {
+            return Err(PyRuntimeError::new_err("this plan has already run"));
+        }
+        self.done = true;
+        let _borrow = registry::borrow(self.spans())?;
+        let (configs, items) = (&self.configs, &self.items);
+        py.detach(|| -> Result<(), String> {
+            for (gi, cfg) in configs.iter().enumerate() {
+                let batch: Vec<&Item> = items
+                    .iter()
+                    .filter(|it| it.group == gi && !it.sequential)
+                    .collect();
+                // SAFETY: the items come from this plan and share no memory with each other.
+                unsafe { run_group(cfg, &batch, &opts, roofline)? };
+            }
+            for it in items.iter().filter(|it| it.sequential) {
+                // SAFETY: one item alone; its own buffers were checked not to share memory.
+                unsafe { run_group(&configs[it.group], &[it], &opts, roofline)? };
+            }
+            Ok(())
+        })
+        .map_err(PyRuntimeError::new_err)
+    }
+}
+
+#[pymethods]
+impl Plan {
+    /// How many parameters the core steps.
+    fn __len__(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Runs the checked step (once). `num_threads` threads; `pool` and `simd` default to the
+    /// environment (see `threads::options`).
+    #[pyo3(signature = (*, num_threads, pool=None, simd=None))]
+    fn execute(
+        &mut self,
+        py: Python<'_>,
+        num_threads: usize,
+        pool: Option<&str>,
+        simd: Option<&str>,
+    ) -> PyResult<()> {
+        let opts = threads::options(num_threads, pool, simd)?;
+        self.run(py, opts, false)
+    }
+
+    /// The machine's limit for `execute` on the same buffers: the same loads, stores, chunks
+    /// and threads with trivial arithmetic. For benchmarks: it overwrites the buffers.
+    #[pyo3(signature = (*, num_threads))]
+    fn roofline(&mut self, py: Python<'_>, num_threads: usize) -> PyResult<()> {
+        let opts = threads::options(num_threads, None, None)?;
+        self.run(py, opts, true)
+    }
+}
+
+/// Reads and checks one step: `groups` is a list of tuples `(config, params, grads, exp_avgs,
+/// exp_avg_sqs, max_exp_avg_sqs or None, compensations or None, steps, seeds)`; `steps[i]` is
+/// t after this update. Every list element must be exactly a `torch.Tensor` or
+/// `torch.nn.Parameter` (TypeError otherwise). Raises `StepError(group, index, kind, reason)`
+/// for a parameter no backend may step (or, with `strict`, that the core does not take); the
+/// plan's `deferred` lists those the torch path may take. Nothing is written.
+#[pyfunction]
+#[pyo3(signature = (groups, *, strict=false))]
+pub(crate) fn plan(py: Python<'_>, groups: Bound<'_, PyList>, strict: bool) -> PyResult<Plan> {
+    type Tuple<'py> = (
+        Bound<'py, Config>,
+        Vec<Bound<'py, PyAny>>,
+        Vec<Bound<'py, PyAny>>,
+        Vec<Bound<'py, PyAny>>,
+        Vec<Bound<'py, PyAny>>,
+        Option<Vec<Bound<'py, PyAny>>>,
+        Option<Vec<Option<Bound<'py, PyAny>>>>,
+        Vec<u64>,
+        Vec<u64>,
+    );
+    let mut inputs = Vec::with_capacity(groups.len());
+    for g in groups.iter() {
+        let t: Tuple<'_> = g
+            .extract()
+            .map_err(|e| PyTypeError::new_err(format!("plan: {e}")))?;
+        inputs.push(GroupInput {
+            config: t.0,
+            params: t.1,
+            grads: t.2,
+            exp_avgs: t.3,
+            exp_avg_sqs: t.4,
+            max_exp_avg_sqs: t.5,
+            compensations: t.6,
+            steps: t.7,
+            seeds: t.8,
+        });
+    }
+    let groups = inputs;
+    build(py, groups, strict)
+}

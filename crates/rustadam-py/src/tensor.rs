@@ -1,0 +1,251 @@
+//! Reading a torch tensor's metadata, and holding its storage.
+//!
+//! Only exact `torch.Tensor` and `torch.nn.Parameter` objects are read: their attributes are
+//! torch's own C getters, so no Python code of a subclass runs while a buffer is checked.
+//! Every number needed to place the buffer in memory is read here, once per step; nothing is
+//! remembered across steps.
+
+use std::fmt;
+use std::sync::OnceLock;
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::PyType;
+use rustadam::layout;
+use smallvec::SmallVec;
+
+/// The element types the core takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DType {
+    F32,
+    F64,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub(crate) fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+}
+
+/// Sizes or strides, inline up to 7 dimensions (read for every tensor at every step).
+pub(crate) type Dims<T> = SmallVec<[T; 7]>;
+
+/// torch objects compared by identity; looked up once.
+pub(crate) struct Torch {
+    tensor: Py<PyType>,
+    parameter: Py<PyType>,
+    strided: Py<PyAny>,
+    /// (torch dtype, element type, complex: each element is a pair of reals)
+    dtypes: Vec<(Py<PyAny>, DType, bool)>,
+}
+
+pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
+    static TORCH: OnceLock<Torch> = OnceLock::new();
+    if let Some(t) = TORCH.get() {
+        return Ok(t);
+    }
+    let m = py.import("torch")?;
+    let mut dtypes = Vec::new();
+    for (name, dtype, complex) in [
+        ("float32", DType::F32, false),
+        ("float64", DType::F64, false),
+        ("bfloat16", DType::BF16, false),
+        ("float16", DType::F16, false),
+        ("complex64", DType::F32, true),
+        ("complex128", DType::F64, true),
+    ] {
+        dtypes.push((m.getattr(name)?.unbind(), dtype, complex));
+    }
+    let t = Torch {
+        tensor: m.getattr("Tensor")?.cast_into::<PyType>()?.unbind(),
+        parameter: m
+            .getattr("nn")?
+            .getattr("Parameter")?
+            .cast_into::<PyType>()?
+            .unbind(),
+        strided: m.getattr("strided")?.unbind(),
+        dtypes,
+    };
+    Ok(TORCH.get_or_init(|| t))
+}
+
+/// Why a tensor cannot be a buffer of the core as it is. `Layout` can be stepped through a
+/// gathered copy; the others go to the torch path (or are errors, as the caller decides).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Refusal {
+    /// Not on the CPU.
+    Device(String),
+    /// Not a float or complex type the core takes.
+    DType(String),
+    /// Not `torch.strided`.
+    Layout(String),
+    /// A negative view (`is_neg()`): its memory holds −x.
+    NegView,
+    /// A conjugate view (`is_conj()`): its memory holds the conjugate.
+    ConjView,
+    /// No memory of its own (a freed storage, a wrapper): `data_ptr()` is 0.
+    NoData,
+    /// Its view reaches outside its storage (a storage shrunk after the view was made).
+    OutsideStorage { needed: usize, nbytes: usize },
+    /// Its data pointer is not aligned for its element type.
+    Misaligned(usize),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Device(d) => write!(f, "it is on device {d}; the Rust core runs on CPU tensors"),
+            Self::DType(d) => write!(
+                f,
+                "its dtype is {d}; the Rust core takes float32, float64, bfloat16, float16, \
+                 complex64 and complex128"
+            ),
+            Self::Layout(l) => write!(f, "its layout is {l}, not torch.strided"),
+            Self::NegView => write!(f, "it is a negative view (is_neg() is set)"),
+            Self::ConjView => write!(f, "it is a conjugate view (is_conj() is set)"),
+            Self::NoData => write!(f, "it has no data of its own (data_ptr() is 0)"),
+            Self::OutsideStorage { needed, nbytes } => write!(
+                f,
+                "its view needs {needed} bytes of its storage, which has {nbytes}"
+            ),
+            Self::Misaligned(p) => write!(f, "its data pointer {p:#x} is misaligned"),
+        }
+    }
+}
+
+/// A tensor's memory as the core sees it: a strided view of real elements, in a storage this
+/// value keeps alive.
+#[derive(Debug)]
+pub(crate) struct Meta {
+    /// The first element (offset 0 of the view).
+    pub ptr: usize,
+    pub dtype: DType,
+    pub complex: bool,
+    /// Sizes and strides (in elements) of the real view: a complex tensor has a trailing
+    /// dimension (re, im) of stride 1.
+    pub shape: Dims<usize>,
+    pub strides: Dims<isize>,
+    /// Real elements.
+    pub numel: usize,
+    /// `[lowest, highest]` element offsets the view reaches, `None` when empty.
+    pub range: Option<(isize, isize)>,
+    /// The storage, held so that its memory outlives the call whatever Python code does to
+    /// the tensor meanwhile (`p.data = …` in another thread, say).
+    pub storage: Option<Py<PyAny>>,
+}
+
+impl Meta {
+    /// The bytes the view reaches: `[start, end)`, empty for an empty view.
+    pub(crate) fn byte_span(&self) -> (usize, usize) {
+        let size = self.dtype.size() as isize;
+        match self.range {
+            None => (self.ptr, self.ptr),
+            Some((lo, hi)) => (
+                (self.ptr as isize + lo * size) as usize,
+                (self.ptr as isize + (hi + 1) * size) as usize,
+            ),
+        }
+    }
+
+    pub(crate) fn is_dense(&self) -> bool {
+        layout::is_dense(&self.shape, &self.strides)
+    }
+}
+
+/// Whether `t` is exactly a `torch.Tensor` or `torch.nn.Parameter` (no subclass).
+pub(crate) fn is_exact_tensor(t: &Bound<'_, PyAny>, th: &Torch) -> bool {
+    let ty = t.get_type();
+    ty.is(th.tensor.bind(t.py())) || ty.is(th.parameter.bind(t.py()))
+}
+
+/// The integers of a Python tuple (a `torch.Size` or a stride tuple).
+fn dims<T: for<'a, 'py> FromPyObject<'a, 'py>>(tuple: Bound<'_, PyAny>) -> PyResult<Dims<T>> {
+    tuple
+        .try_iter()?
+        .map(|x| x?.extract::<T>().map_err(Into::into))
+        .collect()
+}
+
+/// Reads a tensor; `Ok(Err(_))` when the core cannot take it. `TypeError` for any object that
+/// is not exactly a `torch.Tensor` or `torch.nn.Parameter`: nothing else is asked anything.
+pub(crate) fn read(
+    t: &Bound<'_, PyAny>,
+    th: &Torch,
+    what: &str,
+) -> PyResult<Result<Meta, Refusal>> {
+    let py = t.py();
+    if !is_exact_tensor(t, th) {
+        return Err(PyTypeError::new_err(format!(
+            "{what} must be exactly a torch.Tensor or torch.nn.Parameter, not {}",
+            t.get_type().name()?
+        )));
+    }
+    let layout = t.getattr(intern!(py, "layout"))?;
+    if !layout.is(th.strided.bind(py)) {
+        return Ok(Err(Refusal::Layout(layout.to_string())));
+    }
+    if !t.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
+        let device = t.getattr(intern!(py, "device"))?;
+        return Ok(Err(Refusal::Device(device.to_string())));
+    }
+    let dt = t.getattr(intern!(py, "dtype"))?;
+    let Some(&(_, dtype, complex)) = th.dtypes.iter().find(|(d, _, _)| dt.is(d.bind(py))) else {
+        return Ok(Err(Refusal::DType(dt.to_string())));
+    };
+    if t.call_method0(intern!(py, "is_neg"))?.extract::<bool>()? {
+        return Ok(Err(Refusal::NegView));
+    }
+    if complex && t.call_method0(intern!(py, "is_conj"))?.extract::<bool>()? {
+        return Ok(Err(Refusal::ConjView));
+    }
+    let mut shape: Dims<usize> = dims(t.getattr(intern!(py, "shape"))?)?;
+    let mut strides: Dims<isize> = dims(t.call_method0(intern!(py, "stride"))?)?;
+    let mut offset: usize = t.call_method0(intern!(py, "storage_offset"))?.extract()?;
+    let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
+    if complex {
+        // A complex tensor is a real one with a trailing dimension (re, im) of stride 1.
+        strides.iter_mut().for_each(|s| *s *= 2);
+        shape.push(2);
+        strides.push(1);
+        offset *= 2;
+    }
+    let numel = shape.iter().product::<usize>();
+    let range = layout::offset_range(&shape, &strides);
+    let mut meta = Meta {
+        ptr,
+        dtype,
+        complex,
+        shape,
+        strides,
+        numel,
+        range,
+        storage: None,
+    };
+    let Some((lo, hi)) = range else {
+        return Ok(Ok(meta));
+    };
+    if ptr == 0 {
+        return Ok(Err(Refusal::NoData));
+    }
+    if !ptr.is_multiple_of(dtype.size()) {
+        return Ok(Err(Refusal::Misaligned(ptr)));
+    }
+    // The view must lie inside the storage we hold: data_ptr is the storage's base plus
+    // storage_offset elements, so the bounds follow from the offsets alone.
+    let storage = t.call_method0(intern!(py, "untyped_storage"))?;
+    let nbytes: usize = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
+    let first = offset as isize + lo;
+    let needed = (offset as isize + hi + 1) as usize * dtype.size();
+    if first < 0 || needed > nbytes {
+        return Ok(Err(Refusal::OutsideStorage { needed, nbytes }));
+    }
+    meta.storage = Some(storage.unbind());
+    Ok(Ok(meta))
+}
