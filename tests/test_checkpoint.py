@@ -301,8 +301,8 @@ BAD = {
     "state not a dict": (_set_state("exp_avg", None), "a NoneType as 'exp_avg'"),
     "no lr": (_del_group("lr"), r"param_groups\[0\] of the loaded state dict has no \['lr'\]"),
     "no weight_decay": (_del_group("weight_decay"), r"has no \['weight_decay'\]"),
-    "amsgrad": (_set_group("amsgrad", True), "amsgrad=True, which Adam does not implement"),
-    "maximize": (_set_group("maximize", True), "maximize=True"),
+    # amsgrad needs the running maximum, which this state lacks.
+    "amsgrad": (_set_group("amsgrad", True), r"has no \['max_exp_avg_sq'\]"),
 }
 
 

@@ -79,23 +79,26 @@ def as_real64(t: torch.Tensor) -> np.ndarray:
     return t.to(torch.float64).numpy().copy()
 
 
-def oracle_step(p, g, m, v, t, lr, betas, eps, wd, mode, optimized, compute):
+def oracle_step(p, g, m, v, t, lr, betas, eps, wd, mode, optimized, compute, store=None):
     """SPEC.md's per-parameter step on numpy arrays in `compute` precision.
 
-    Also returns the magnitudes the rounding errors scale with: of the terms summed into m and
+    `store` rounds the weight decay's result to the stored dtype (SPEC: the decay is its own
+    step in the tensor's dtype); None for float32/float64. Also returns the magnitudes the
+    rounding errors scale with: of the terms summed into m and
     v, and of the step computed from them.
     """
     b1, b2 = betas
     p, g, m, v = (np.asarray(x, dtype=compute) for x in (p, g, m, v))
     c = compute.type
     g_mag = np.abs(g)
+    store = store or (lambda x: x)
     if mode == "l2" and wd != 0:
-        g = g + c(wd) * p
+        g = store(g + c(wd) * p)
         g_mag = g_mag + np.abs(c(wd) * p)
     elif mode == "decoupled":
-        p = p * c(1.0 - lr * wd)
+        p = store(p * c(1.0 - lr * wd))
     elif mode == "absolute":
-        p = p * c(1.0 - wd)
+        p = store(p * c(1.0 - wd))
     m_mag = np.abs(c(b1) * m) + c(1.0 - b1) * g_mag
     v_mag = np.abs(c(b2) * v) + c(1.0 - b2) * g_mag * g_mag
     m = c(b1) * m + c(1.0 - b1) * g
@@ -141,10 +144,15 @@ def check_step(before, after, dtype, hp, backend):
     p1, m1, v1 = after
     if dtype in HALF:
         # float32 computation, one rounding to the stored dtype: within one unit in its last place.
-        # The torch path runs SPEC's decoupled decay as its own in-place op, which stores (rounds)
-        # the decayed θ before the update: half a unit of θ before the step, on top.
-        extra = ulp(p0, dtype) if backend == "torch" and hp["mode"] != "l2" else 0.0
-        op, om, ov, _ = oracle_step(p0, g, m0, v0, t, **hp, compute=np.dtype(np.float32))
+        # The decay is its own step, rounded to the stored dtype, on every path (SPEC).
+        def store(x):
+            t16 = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(dtype)
+            return as_real64(t16).astype(np.float32)
+
+        extra = 0.0
+        op, om, ov, _ = oracle_step(
+            p0, g, m0, v0, t, **hp, compute=np.dtype(np.float32), store=store
+        )
         for name, got, want, more in (
             ("param", p1, op, extra),
             ("exp_avg", m1, om, 0.0),
@@ -239,8 +247,8 @@ def test_each_dtype_and_layout_takes_the_rust_path(dtype, layout, monkeypatch):
     """backend="rust" raises for anything the core cannot take: passing means the core took it."""
     shape = {"channels_last": (2, 3, 4, 5), "size1": (3, 1, 4)}.get(layout, (3, 4))
     calls = []
-    real = _core.adam_step
-    monkeypatch.setattr(_core, "adam_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = _core.plan
+    monkeypatch.setattr(_core, "plan", lambda *a, **k: calls.append(1) or real(*a, **k))
     hp = {
         "lr": 1e-2,
         "betas": (0.9, 0.999),
@@ -284,10 +292,14 @@ def test_mixed_dtype_group_is_one_call(monkeypatch):
     ]
     opt = Adam(params, backend="rust")
     calls = []
-    real = _core.adam_step
-    monkeypatch.setattr(
-        _core, "adam_step", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k)
-    )
+    real = _core.plan
+
+    def plan(*a, **k):
+        result = real(*a, **k)
+        calls.append(len(result))
+        return result
+
+    monkeypatch.setattr(_core, "plan", plan)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
@@ -399,8 +411,15 @@ def test_conjugate_view_gradient_is_read_as_its_values():
         assert torch.equal(a, b), backend
 
 
-def test_a_bare_number_as_weight_decay_is_a_clear_error():
-    with pytest.raises(
-        TypeError, match=r"weight_decay must be a WeightDecay.*WeightDecay\(0\.01\)"
-    ):
-        Adam([torch.zeros(2)], weight_decay=0.01)
+def test_a_bare_number_as_weight_decay_is_decoupled_decay():
+    """A number means WeightDecay(number): decoupled, as AdamW (timm's factories pass one)."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt_a = Adam([a], lr=0.1, weight_decay=0.01)
+    opt_b = Adam([b], lr=0.1, weight_decay=WeightDecay(0.01))
+    assert opt_a.weight_decay == WeightDecay(0.01)
+    for p, opt in ((a, opt_a), (b, opt_b)):
+        p.grad = torch.full((3,), 0.5)
+        opt.step()
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"^Invalid weight_decay value: -1$"):
+        Adam([torch.zeros(2)], weight_decay=-1)

@@ -4,7 +4,7 @@ Kept in step with ``crates/rustadam-py/src`` by tests/test_typing.py: every publ
 module appears here with the same parameters, and nothing else does. Sections:
 
 - module metadata;
-- the torch entry points (``lib.rs``): torch tensors in, updated in place;
+- the torch entry points: the typed config, the checked plan of a step;
 - SIMD introspection;
 - the numpy entry points (``numpy_api.rs``).
 """
@@ -21,32 +21,99 @@ import torch
 __version__: str
 """The version of the rustadam crates this extension was built from."""
 
-# ---- torch entry points ------------------------------------------------------------------------
+# ---- torch entry points (config.rs, plan.rs, lib.rs) -------------------------------------------
 
-RejectionKind = Literal["layout", "unsupported", "fatal"]
-"""Why ``adam_step`` left a parameter alone, and what its caller does about it:
+Rounding = Literal["nearest", "stochastic", "kahan"]
 
-- ``"layout"``: not dense as it is; step a dense copy and write it back;
-- ``"unsupported"``: another device or dtype, or memory shared with another parameter of the
-  call; step it with torch ops;
-- ``"fatal"``: no backend gives a meaningful result (a parameter's own buffers share memory, a
-  gradient of another dtype, a state of another shape); raise.
-"""
+class Config:
+    """One parameter group's hyper-parameters, validated by the core's rules.
 
-Rejection = tuple[int, str, RejectionKind]
-"""``(index into the argument lists, reason in words, kind)``."""
-
-class TensorCache:
-    """Metadata of the parameters and states a group passed to :func:`adam_step` last time.
-
-    Pass the same cache for the same group at every step: a tensor seen before (the same object
-    with the same data pointer) is not read again attribute by attribute. A parameter whose
-    checks fail on remembered metadata is read again before anything is decided; tensors a call
-    does not pass are forgotten. Gradients are never remembered.
+    Invalid values raise ValueError with torch's messages (``Invalid learning rate: -1.0``, …).
     """
 
-    def __init__(self) -> None: ...
+    def __init__(
+        self,
+        *,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-16,
+        weight_decay: float = 0.0,
+        weight_decouple: bool = True,
+        absolute: bool = False,
+        optimized_update: bool = True,
+        maximize: bool = False,
+        amsgrad: bool = False,
+        rounding: Rounding = "nearest",
+    ) -> None: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def beta1(self) -> float: ...
+    @property
+    def beta2(self) -> float: ...
+    @property
+    def eps(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def weight_decouple(self) -> bool: ...
+    @property
+    def absolute(self) -> bool: ...
+    @property
+    def optimized_update(self) -> bool: ...
+    @property
+    def maximize(self) -> bool: ...
+    @property
+    def amsgrad(self) -> bool: ...
+    @property
+    def rounding(self) -> Rounding: ...
+
+class StepError(RuntimeError):
+    """A parameter the step cannot take; ``args`` are ``(group, index, kind, reason)`` with kind
+    ``"fatal"`` (no backend may step it) or ``"unsupported"`` (the core does not take it)."""
+
+GroupInput = tuple[
+    Config,
+    Sequence[torch.Tensor],  # params
+    Sequence[torch.Tensor],  # grads
+    Sequence[torch.Tensor],  # exp_avgs
+    Sequence[torch.Tensor],  # exp_avg_sqs
+    Optional[Sequence[torch.Tensor]],  # max_exp_avg_sqs (exactly with amsgrad)
+    Optional[Sequence[Optional[torch.Tensor]]],  # compensations (rounding="kahan")
+    Sequence[int],  # steps: t after this update
+    Sequence[int],  # seeds (stochastic rounding)
+]
+
+class Plan:
+    """One step's buffers, read and checked, their storages held. Run once by ``execute``."""
+
+    deferred: list[tuple[int, int, str]]
+    """``(group, index, reason)`` of parameters the core leaves to torch's ops."""
+
     def __len__(self) -> int: ...
+    def execute(
+        self,
+        *,
+        num_threads: int,
+        pool: Optional[Literal["openmp", "rayon"]] = None,
+        simd: Optional[Literal["portable", "avx2", "avx512"]] = None,
+    ) -> None:
+        """Runs the step with the GIL released: first every parameter that shares no memory
+        with another (one kernel call per group), then the others one at a time, in order.
+        ``pool`` and ``simd`` default to ``RUSTADAM_THREAD_POOL`` and ``RUSTADAM_SIMD``."""
+    def roofline(self, *, num_threads: int) -> None:
+        """The same loads, stores, chunks and threads as ``execute`` with trivial arithmetic
+        (for benchmarks: it overwrites the buffers)."""
+
+def plan(groups: Sequence[GroupInput], *, strict: bool = False) -> Plan:
+    """Reads and checks every buffer of every group before anything is written.
+
+    Every tensor must be exactly a ``torch.Tensor`` or ``torch.nn.Parameter`` (TypeError
+    otherwise; no attribute of any other object is read). Raises :class:`StepError` for a
+    parameter no backend may step (buffers of another dtype or shape, buffers of one parameter
+    sharing memory, an expanded written buffer, a view outside its storage), or with ``strict``
+    for one the core does not take (another device or dtype, a negative or conjugate view).
+    """
 
 def adam_step(
     params: Sequence[torch.Tensor],
@@ -54,56 +121,17 @@ def adam_step(
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
     steps: Sequence[int],
+    config: Config,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    weight_decouple: bool,
-    absolute: bool,
-    optimized_update: bool,
-    num_threads: int,
-    strict: bool = False,
-    simd: Optional[Literal["portable", "avx2", "avx512"]] = None,
-    cache: Optional[TensorCache] = None,
+    max_exp_avg_sqs: Optional[Sequence[torch.Tensor]] = None,
+    compensations: Optional[Sequence[Optional[torch.Tensor]]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    num_threads: int = 1,
     pool: Optional[Literal["openmp", "rayon"]] = None,
-) -> tuple[bool, list[Rejection]]:
-    """One fused Adam step over the CPU tensors of a parameter group, in place.
-
-    Entry ``i`` of the four tensor lists belongs to one parameter; ``steps[i]`` is its count t
-    after this update (≥ 1). Hyper-parameters as in SPEC.md; ``weight_decay``,
-    ``weight_decouple`` and ``absolute`` select the decay like ``WeightDecay``. The GIL is
-    released while the kernel runs on ``num_threads`` threads of ``pool``: ``"openmp"`` (the
-    OpenMP runtime torch loaded, whose threads are still spinning after torch's last parallel
-    region) or ``"rayon"`` (the core's own); by default OpenMP where loaded, else rayon.
-    ``simd`` forces a SIMD level (default: the best of :func:`simd_levels`).
-
-    Returns ``(ran, rejected)``: the parameters it left untouched, with why. When any is
-    ``"fatal"``, or ``strict`` is set and any is ``"unsupported"``, nothing is written, ``ran``
-    is False and ``rejected`` holds just those.
-
-    Raises:
-        ValueError: lists of different lengths, invalid hyper-parameters, an unknown or
-            unavailable ``simd`` level.
-    """
-
-def roofline(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    *,
-    num_threads: int,
+    simd: Optional[Literal["portable", "avx2", "avx512"]] = None,
 ) -> None:
-    """The machine's limit for :func:`adam_step` on the same tensors, for benchmarks.
-
-    The same loads and stores, chunks and threads with trivial arithmetic: it overwrites the
-    buffers meaninglessly.
-
-    Raises:
-        ValueError: a tensor :func:`adam_step` would not take as it is.
-    """
+    """One Adam step over one group's CPU tensors, in place: :func:`plan` with ``strict`` and
+    :meth:`Plan.execute` in one call. ``steps[i]`` is t after this update (≥ 1)."""
 
 # ---- SIMD introspection ------------------------------------------------------------------------
 
@@ -124,15 +152,8 @@ def numpy_adam_step(
     exp_avg: FloatArray,
     exp_avg_sq: FloatArray,
     step: int,
+    config: Config,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    weight_decouple: bool,
-    absolute: bool,
-    optimized_update: bool,
     num_threads: Optional[int] = None,
 ) -> None:
     """One Adam step of one parameter's numpy arrays, in place.
@@ -151,15 +172,8 @@ def numpy_adam_step_many(
     exp_avgs: Sequence[FloatArray],
     exp_avg_sqs: Sequence[FloatArray],
     steps: Sequence[int],
+    config: Config,
     *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    weight_decouple: bool,
-    absolute: bool,
-    optimized_update: bool,
     num_threads: Optional[int] = None,
 ) -> None:
     """One Adam step of many parameters' numpy arrays in one call.

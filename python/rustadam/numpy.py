@@ -46,20 +46,27 @@ __all__ = ["Adam", "adam_step"]
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _check_hyper(lr: float, betas: Sequence[float], eps: float, weight_decay: float) -> None:
-    """Raises ValueError for out-of-range hyper-parameters, with the torch API's messages."""
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
+def _config(
+    lr: float,
+    betas: Sequence[float],
+    eps: float,
+    weight_decay: float,
+    weight_decouple: bool = True,
+    absolute: bool = False,
+    optimized_update: bool = True,
+) -> Any:
+    """The core's validated config; ValueError with the torch API's messages when out of range."""
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (β1, β2), got {betas!r}")
-    if not 0.0 <= betas[0] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-    if not 0.0 <= betas[1] < 1.0:
-        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    return _core.Config(
+        lr=float(lr),
+        betas=(float(betas[0]), float(betas[1])),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        weight_decouple=bool(weight_decouple),
+        absolute=bool(absolute),
+        optimized_update=bool(optimized_update),
+    )
 
 
 def _check_num_threads(num_threads: Optional[int]) -> None:
@@ -118,24 +125,9 @@ def adam_step(
     >>> p  # the first update moves each element by α·sign(g)
     array([0.99, 1.01])
     """
-    _check_hyper(lr, betas, eps, weight_decay)
+    config = _config(lr, betas, eps, weight_decay, weight_decouple, absolute, optimized_update)
     _check_num_threads(num_threads)
-    _core.numpy_adam_step(
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        step,
-        lr=float(lr),
-        beta1=float(betas[0]),
-        beta2=float(betas[1]),
-        eps=float(eps),
-        weight_decay=float(weight_decay),
-        weight_decouple=bool(weight_decouple),
-        absolute=bool(absolute),
-        optimized_update=bool(optimized_update),
-        num_threads=num_threads,
-    )
+    _core.numpy_adam_step(param, grad, exp_avg, exp_avg_sq, step, config, num_threads=num_threads)
 
 
 class Adam:
@@ -177,7 +169,7 @@ class Adam:
             raise ValueError("Adam got an empty parameter list")
         for i, p in enumerate(self.params):
             _check_param(p, f"params[{i}]")
-        _check_hyper(lr, betas, eps, weight_decay)
+        _config(lr, betas, eps, weight_decay)
         _check_num_threads(num_threads)
         self.lr = lr
         self.betas = betas
@@ -207,7 +199,15 @@ class Adam:
         grads = list(grads)
         if len(grads) != len(self.params):
             raise ValueError(f"step() got {len(grads)} gradients for {len(self.params)} parameters")
-        _check_hyper(self.lr, self.betas, self.eps, self.weight_decay)
+        config = _config(
+            self.lr,
+            self.betas,
+            self.eps,
+            self.weight_decay,
+            self.weight_decouple,
+            self.absolute,
+            self.optimized_update,
+        )
         _check_num_threads(self.num_threads)
         idx = [i for i, g in enumerate(grads) if g is not None]
         # New states are kept only once the step has succeeded.
@@ -218,14 +218,7 @@ class Adam:
             [states[i]["exp_avg"] for i in idx],
             [states[i]["exp_avg_sq"] for i in idx],
             [states[i]["step"] + 1 for i in idx],
-            lr=float(self.lr),
-            beta1=float(self.betas[0]),
-            beta2=float(self.betas[1]),
-            eps=float(self.eps),
-            weight_decay=float(self.weight_decay),
-            weight_decouple=bool(self.weight_decouple),
-            absolute=bool(self.absolute),
-            optimized_update=bool(self.optimized_update),
+            config,
             num_threads=self.num_threads,
         )
         for i in idx:
@@ -276,7 +269,7 @@ class Adam:
             raise ValueError(
                 f"state_dict['hyperparams'] must have the keys {sorted(known)}, got {sorted(hyper)}"
             )
-        _check_hyper(hyper["lr"], hyper["betas"], hyper["eps"], hyper["weight_decay"])
+        _config(hyper["lr"], hyper["betas"], hyper["eps"], hyper["weight_decay"])
         state: dict[int, dict[str, Any]] = {}
         for key, s in dict(state_dict["state"]).items():
             i = _index(key, len(self.params))

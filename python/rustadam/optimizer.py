@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
 import torch
 from torch.optim.optimizer import Optimizer
 
-from rustadam import _core
+from rustadam import _core, _rounding, functional
+from rustadam._state_dict import check_state_dict
+from rustadam.functional import param_label
 from rustadam.weight_decay import WeightDecay
 
 __all__ = ["Adam"]
 
-_BACKENDS = ("auto", "rust", "torch")
+_BACKENDS = ("auto", "rust", "triton", "foreach", "torch")
+_ROUNDINGS = ("nearest", "stochastic", "kahan")
+# Group keys of other optimizers that would change the math; refused rather than ignored.
+_REFUSED_KEYS = ("differentiable", "nesterov", "amsbound", "decoupled", "rectify", "momentum")
 # The per-parameter methods a subclass may override; any override sends the whole step through
 # them, one parameter at a time.
 _HOOKS = ("init_state", "get_mv", "get_lr", "adam_update", "step_param")
@@ -109,73 +114,96 @@ class Adam(Optimizer):
         lr: Union[float, torch.Tensor] = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-16,
-        weight_decay: WeightDecay = WeightDecay(),  # noqa: B008 (immutable, as in the spec)
+        weight_decay: Union[WeightDecay, float] = WeightDecay(),  # noqa: B008 (immutable)
         optimized_update: bool = True,
         defaults: Optional[dict[str, Any]] = None,
         *,
+        maximize: bool = False,
+        amsgrad: bool = False,
+        rounding: str = "nearest",
+        seed: int = 0,
+        gradient_release: bool = False,
         backend: str = "auto",
         num_threads: Optional[int] = None,
     ) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-        if not 0.0 <= lr:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not 0.0 <= eps:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+        if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
+            weight_decay = WeightDecay(weight_decay)  # decoupled, as AdamW
+        # The core's rules (and messages) validate every hyper-parameter.
+        _core.Config(lr=float(lr), betas=_pair(betas), eps=eps, rounding=rounding)
         if backend not in _BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {_BACKENDS}")
-        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
-            raise ValueError(f"Invalid num_threads: {num_threads!r}; expected an int >= 1")
+        if num_threads is not None and (
+            not isinstance(num_threads, int) or not 1 <= num_threads <= _MAX_THREADS
+        ):
+            raise ValueError(
+                f"Invalid num_threads: {num_threads!r}; expected an int from 1 to {_MAX_THREADS}"
+            )
         if not (callable(weight_decay) and callable(getattr(weight_decay, "defaults", None))):
             raise TypeError(
-                f"weight_decay must be a WeightDecay (or an object with __call__(param, grad, "
-                f"group) and defaults()), got {weight_decay!r}; for a coefficient write "
-                f"WeightDecay({weight_decay!r}) (decoupled) or "
-                f"WeightDecay({weight_decay!r}, weight_decouple=False) (L2)"
+                f"weight_decay must be a number, a WeightDecay or an object with "
+                f"__call__(param, grad, group) and defaults(), got {weight_decay!r}"
             )
+        if not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"Invalid seed: {seed!r}; expected an int in [0, 2**64)")
         defaults = {} if defaults is None else dict(defaults)
         defaults.update(weight_decay.defaults())
-        defaults.update(lr=lr, betas=betas, eps=eps)
-        super().__init__(params, defaults)
+        defaults.update(lr=lr, betas=betas, eps=eps, maximize=maximize, amsgrad=amsgrad)
         self.weight_decay = weight_decay
         self.optimized_update = optimized_update
+        self.rounding = rounding
+        self.seed = seed
         self.backend = backend
         self.num_threads = num_threads
+        self.gradient_release = bool(gradient_release)
+        super().__init__(params, defaults)
+        if self.gradient_release:
+            self._hook_params()
+        # GradScaler hands the scale and the found-inf flag to step() (no separate unscale).
+        self._step_supports_amp_scaling = True
 
     # ---- the overridable per-parameter methods (the reference design) -------------------------
 
     def init_state(self, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor) -> None:
-        """Creates a parameter's state on its first update: ``step`` = 0 and zero moments."""
+        """Creates a parameter's state on its first update: ``step`` = 0 and zero moments.
+
+        With ``amsgrad`` also ``max_exp_avg_sq``; with ``rounding="kahan"`` a 16-bit parameter
+        also gets its ``compensation`` buffer.
+        """
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if group.get("amsgrad"):
+            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if self._rounding(group) == "kahan" and param.dtype in _HALF:
+            state["compensation"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def get_mv(
         self, state: dict[str, Any], group: dict[str, Any], grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Updates the moments in place: m ← β1·m + (1−β1)·g, v ← β2·v + (1−β2)·g²; returns them.
 
-        Complex tensors count as pairs of reals, so v holds squared real and imaginary parts.
-        16-bit tensors are computed in float32 and rounded once when stored; the float32 moments
-        are returned for the update.
+        With ``amsgrad`` the returned v is v_max ← max(v_max, v). Complex tensors count as pairs
+        of reals. 16-bit tensors are computed in float32 and rounded once when stored; the
+        float32 values are returned for the update.
         """
-        beta1, beta2 = group["betas"]
+        beta1, beta2 = _pair(group["betas"])
         m, v = state["exp_avg"], state["exp_avg_sq"]
         mr, vr, g = _real(m), _real(v), _real(grad.resolve_conj())
         m32, v32, g32 = _f32(mr), _f32(vr), _f32(g)
-        m32.mul_(beta1).add_(g32, alpha=1 - beta1)
-        v32.mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
-        _store(mr, m32)
-        _store(vr, v32)
-        if m32 is mr:
-            return m, v
-        # 16-bit moments: the update uses the float32 values, as the Rust core does; the stored
-        # copies were rounded once (a v that underflows float16 must not divide a non-zero m).
-        return m32, v32
+        c = g32.dtype
+        b1, omb1 = _k(beta1, c), _k(1 - beta1, c)
+        b2, omb2 = _k(beta2, c), _k(1 - beta2, c)
+        m_new = _rounding.fma(g32, torch.full_like(g32, omb1), m32 * b1)
+        v_new = _rounding.fma(g32 * omb2, g32, v32 * b2)
+        _write(mr, m_new)
+        _write(vr, v_new)
+        if group.get("amsgrad"):
+            vmax = _real(state["max_exp_avg_sq"])
+            v_new = torch.maximum(_f32(vmax), v_new)
+            _write(vmax, v_new)
+        return m_new, v_new
 
     def get_lr(self, state: dict[str, Any], group: dict[str, Any]) -> float:
         """The learning rate α of this update; the base returns ``group['lr']``."""
@@ -190,26 +218,40 @@ class Adam(Optimizer):
         v: torch.Tensor,
     ) -> None:
         """Applies θ ← θ − step_size · m / denominator, in the form ``optimized_update`` picks."""
-        beta1, beta2 = group["betas"]
-        bias_correction1 = 1 - beta1 ** state["step"]
-        bias_correction2 = 1 - beta2 ** state["step"]
+        beta1, beta2 = _pair(group["betas"])
+        t = state["step"]
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
         lr = float(self.get_lr(state, group))
         p = _real(param.data)
         p32, mr, vr = _f32(p), _f32(_real(m)), _f32(_real(v))
-        if self.optimized_update:
-            denominator = vr.sqrt().add_(group["eps"])
+        c = p32.dtype
+        if group.get("optimized_update", self.optimized_update):
+            denominator = _rounding.sqrt_rn(vr) + _k(group["eps"], c)
             step_size = lr * math.sqrt(bias_correction2) / bias_correction1
         else:
-            denominator = (vr.sqrt() / math.sqrt(bias_correction2)).add_(group["eps"])
+            sqrt_bc2 = torch.full_like(vr, _k(math.sqrt(bias_correction2), c))
+            denominator = _rounding.sqrt_rn(vr) / sqrt_bc2 + _k(group["eps"], c)
             step_size = lr / bias_correction1
-        p32.addcdiv_(mr, denominator, value=-step_size)
-        _store(p, p32)
+        u = (mr * _k(step_size, c)) / denominator
+        rounding = self._rounding(group)
+        if p.dtype in _HALF and rounding == "kahan" and "compensation" in state:
+            new, comp = _rounding.kahan_update(p32, u, state["compensation"], p.dtype)
+            p.copy_(new)
+            state["compensation"].copy_(comp)
+        elif p.dtype in _HALF and rounding == "stochastic":
+            index = _rounding.element_index(p)
+            p.copy_(_rounding.stochastic_round(p32 - u, p.dtype, self._seed(param), t, index))
+        else:
+            _write(p, p32 - u)
 
     def step_param(
         self, state: dict[str, Any], group: dict[str, Any], grad: torch.Tensor, param: torch.Tensor
     ) -> None:
         """One parameter's update: weight decay, moments, t ← t + 1, then :meth:`adam_update`."""
-        grad = self.weight_decay(param, grad, group)
+        if group.get("maximize"):
+            grad = -grad
+        grad = self._decay(group)(param, grad, group)
         m, v = self.get_mv(state, group, grad)
         state["step"] += 1
         self.adam_update(state, group, param, m, v)
@@ -221,19 +263,132 @@ class Adam(Optimizer):
         """Performs one update of every parameter that has a gradient.
 
         If ``closure`` is given it is called first, with autograd enabled, and its return value
-        (the loss) is returned; otherwise None.
+        (the loss) is returned; otherwise None. All or nothing: an error leaves every parameter,
+        moment and step count of every group as it was.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        per_param = self.backend == "torch" or self._per_param_methods()
-        for gi, group in enumerate(self.param_groups):
-            if per_param:
-                self._step_group_per_param(gi, group)
-            else:
-                self._step_group_fast(gi, group)
+        if self.gradient_release:
+            if getattr(self, "grad_scale", None) is not None:
+                raise RuntimeError(
+                    "rustadam.Adam(gradient_release=True) steps each parameter inside "
+                    "backward, before GradScaler can unscale or skip: it does not combine "
+                    "with torch.amp.GradScaler"
+                )
+            return loss  # the backward pass stepped every parameter
+        self._locked(self._step_all)
         return loss
+
+    def _locked(self, fn: Callable[..., None], *args: Any) -> None:
+        """Runs ``fn`` as this optimizer's only step in progress; RuntimeError if one runs."""
+        lock = self.__dict__.get("_step_lock")
+        if lock is None:
+            lock = self.__dict__.setdefault("_step_lock", threading.Lock())
+        if not lock.acquire(blocking=False):
+            raise RuntimeError(
+                "rustadam.Adam.step() is already running on this optimizer in another thread; "
+                "step one optimizer from one thread at a time"
+            )
+        try:
+            fn(*args)
+        finally:
+            lock.release()
+
+    # ---- gradient release ----------------------------------------------------------------------
+
+    def _hook_params(self) -> None:
+        """Steps each parameter as soon as its gradient is accumulated (gradient_release)."""
+        handles = self.__dict__.setdefault("_release_handles", {})
+        where = self.__dict__["_release_where"] = {}
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                where[id(p)] = (gi, i)
+                if id(p) not in handles and p.requires_grad:
+                    handles[id(p)] = p.register_post_accumulate_grad_hook(self._release)
+
+    def _release(self, param: torch.Tensor) -> None:
+        """Steps ``param`` with its fresh gradient, then frees the gradient."""
+        at = self.__dict__.get("_release_where", {}).get(id(param))
+        groups = self.param_groups
+        if not _placed(groups, at, param):
+            self._hook_params()  # the groups changed since the hooks were placed
+            at = self.__dict__["_release_where"].get(id(param))
+            if at is None:
+                return  # no longer optimized here
+        with torch.no_grad():
+            self._locked(self._step_all, at)
+        param.grad = None
+
+    def _step_all(self, only: Optional[tuple[int, int]] = None) -> None:
+        """Steps every parameter with a gradient, or just parameter ``only`` = (group, index)."""
+        if self._skip_for_inf():
+            return
+        groups = list(enumerate(self.param_groups))
+        if only is not None:
+            groups = [groups[only[0]]]
+        configs = {gi: self._config(gi, g) for gi, g in groups}
+        per_param = self.backend == "torch" or self._per_param_methods()
+        created: list[torch.Tensor] = []
+        try:
+            if per_param:
+                self._step_per_param(groups, created, only)
+            else:
+                self._step_fast(groups, configs, created, only)
+        except BaseException:
+            for p in created:
+                self.state.pop(p, None)
+            raise
+
+    def _config(self, gi: int, group: dict[str, Any]) -> Any:
+        """The group's hyper-parameters, checked by the core's rules (ValueError naming it)."""
+        for key in _REFUSED_KEYS:
+            if group.get(key):
+                raise ValueError(
+                    f"param_groups[{gi}] sets {key}={group[key]!r}, which rustadam.Adam does "
+                    "not implement"
+                )
+        decay = self._decay(group)
+        flags = (
+            (decay.weight_decouple, decay.absolute)
+            if isinstance(decay, (WeightDecay, _GroupDecay))
+            else (True, False)
+        )
+        try:
+            wd = group.get("weight_decay", 0.0)
+            return _core.Config(
+                lr=float(group["lr"]),
+                betas=_pair(group["betas"]),
+                eps=float(group["eps"]),
+                weight_decay=float(wd.weight_decay if isinstance(wd, WeightDecay) else wd),
+                weight_decouple=flags[0],
+                absolute=flags[1],
+                optimized_update=bool(group.get("optimized_update", self.optimized_update)),
+                maximize=bool(group.get("maximize", False)),
+                amsgrad=bool(group.get("amsgrad", False)),
+                rounding=self._rounding(group),
+            )
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"param_groups[{gi}]: {e}") from None
+
+    def _decay(self, group: dict[str, Any]) -> Any:
+        """The group's weight decay: a WeightDecay given as its value, else the optimizer's."""
+        wd = group.get("weight_decay")
+        if isinstance(wd, WeightDecay):
+            return _GroupDecay(wd)
+        return self.weight_decay
+
+    def _rounding(self, group: dict[str, Any]) -> str:
+        return group.get("rounding", self.rounding)
+
+    def _seed(self, param: torch.Tensor) -> int:
+        """A parameter's stochastic-rounding seed: the optimizer's seed and its position."""
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p is param:
+                    return _param_seed(self.seed, gi, i)
+        return self.seed
 
     def _per_param_methods(self) -> bool:
         """Whether a subclass, an instance attribute or a foreign weight decay changes the math."""
@@ -244,196 +399,154 @@ class Adam(Optimizer):
             return True
         return type(self.weight_decay) is not WeightDecay
 
-    def _grad(self, gi: int, group: dict[str, Any], i: int, param: torch.Tensor) -> Any:
-        grad = param.grad
-        if grad is not None and grad.layout is not torch.strided:
-            raise RuntimeError(
-                f"rustadam.Adam does not support sparse gradients ({_name(gi, group, i, param)} "
-                f"has a {grad.layout} gradient); consider torch.optim.SparseAdam"
-            )
-        return grad
-
-    def _step_group_per_param(self, gi: int, group: dict[str, Any]) -> None:
-        for i, param in enumerate(group["params"]):
-            grad = self._grad(gi, group, i, param)
-            if grad is None:
-                continue
-            _check_not_aliased(gi, group, i, param, grad)
-            _check_writable(gi, group, i, param)
-            if grad.dtype != param.dtype and not self._per_param_methods():
-                # The base math would cast it silently; an override may mean to handle it.
-                raise RuntimeError(
-                    f"{_name(gi, group, i, param)}: its gradient has dtype {grad.dtype}, "
-                    f"the parameter {param.dtype}"
-                )
-            state = self.state[param]
-            if len(state) == 0:
-                self.init_state(state, group, param)
-            self.step_param(state, group, grad, param)
-
-    # Dynamo cannot trace into the extension; run this part eagerly (one graph break) instead of
-    # letting it trace the bookkeeping around the call. See "torch.compile" in the class docstring.
-    @torch.compiler.disable
-    def _step_group_fast(self, gi: int, group: dict[str, Any]) -> None:
-        positions: list[int] = []
-        params: list[torch.Tensor] = []
-        grads: list[torch.Tensor] = []
-        states: list[dict[str, Any]] = []
-        # What the core sees: the tensors themselves, or a DTensor's local shards.
-        core_p: list[torch.Tensor] = []
-        core_g: list[torch.Tensor] = []
-        core_m: list[torch.Tensor] = []
-        core_v: list[torch.Tensor] = []
-        torch_path: list[tuple[int, dict[str, Any], torch.Tensor, torch.Tensor]] = []
-        dtensor = _dtensor_type()
-        strided = torch.strided
-        all_state = self.state
-        # One pass over the group; this loop is most of the per-parameter cost, so it stays flat.
-        for i, param in enumerate(group["params"]):
+    def _grads(
+        self, gi: int, group: dict[str, Any], only: Optional[tuple[int, int]] = None
+    ) -> list[tuple[int, torch.Tensor, Any]]:
+        """(position, param, grad) of the group's parameters that have a gradient."""
+        out = []
+        params: Iterable[tuple[int, torch.Tensor]] = enumerate(group["params"])
+        if only is not None:
+            params = [(only[1], group["params"][only[1]])]
+        for i, param in params:
             grad = param.grad
             if grad is None:
                 continue
-            if grad.layout is not strided:
-                self._grad(gi, group, i, param)  # raises the sparse-gradient error
-            state = all_state[param]
-            if not state:
-                self.init_state(state, group, param)
-            bufs = (param, grad, state["exp_avg"], state["exp_avg_sq"])
-            if dtensor is not None and (isinstance(param, dtensor) or isinstance(grad, dtensor)):
-                local = _local_shards(dtensor, bufs)
-                if local is None:
-                    if self.backend == "rust":
-                        raise RuntimeError(
-                            f"rustadam.Adam cannot step {_name(gi, group, i, param)} on the Rust "
-                            "core: its gradient and state are not all DTensors sharded like it"
-                        )
-                    # torch's ops on the DTensors redistribute where needed; stepped after the
-                    # core's call, so an error the core raises leaves the whole group unchanged.
-                    torch_path.append((i, state, grad, param))
-                    continue
-                bufs = local
-            positions.append(i)
-            params.append(param)
-            grads.append(grad)
-            states.append(state)
-            core_p.append(bufs[0])
-            core_g.append(bufs[1])
-            core_m.append(bufs[2])
-            core_v.append(bufs[3])
-        if params:
-            core_bufs = (core_p, core_g, core_m, core_v)
-            self._step_on_core(gi, group, positions, params, grads, states, core_bufs)
-        for i, state, grad, param in torch_path:
-            _check_writable(gi, group, i, param)
+            if grad.layout is not torch.strided:
+                raise RuntimeError(
+                    f"rustadam.Adam does not support sparse gradients "
+                    f"({param_label(gi, group, i, param)} has a {grad.layout} gradient); "
+                    "consider torch.optim.SparseAdam"
+                )
+            out.append((i, param, grad))
+        return out
+
+    def _state(self, group: dict[str, Any], param: torch.Tensor, created: list) -> dict[str, Any]:
+        state = self.state[param]
+        if not state:
+            created.append(param)
+            self.init_state(state, group, param)
+        return state
+
+    def _step_per_param(
+        self,
+        groups: list[tuple[int, dict[str, Any]]],
+        created: list[torch.Tensor],
+        only: Optional[tuple[int, int]],
+    ) -> None:
+        todo = []
+        base_state = type(self).init_state is Adam.init_state
+        for gi, group in groups:
+            for i, param, grad in self._grads(gi, group, only):
+                state = self._state(group, param, created)
+                entry = (param, grad)
+                if base_state:
+                    entry = (param, grad, state["exp_avg"], state["exp_avg_sq"])
+                functional.check_entry(param_label(gi, group, i, param), entry)
+                todo.append((group, state, grad, param))
+        self._unscale([grad for _, _, grad, _ in todo])
+        for group, state, grad, param in todo:
             self.step_param(state, group, grad, param)
 
-    def _step_on_core(
+    def _skip_for_inf(self) -> bool:
+        """GradScaler found inf/NaN gradients: the step changes nothing (step counts included)."""
+        found_inf = getattr(self, "found_inf", None)
+        return found_inf is not None and bool(found_inf.item())
+
+    def _unscale(self, grads: list[torch.Tensor]) -> None:
+        """Divides gradients by GradScaler's scale in place (its fused route leaves it to us)."""
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            return
+        for g in grads:
+            g.div_(scale.to(g.device))
+
+    def _step_fast(
         self,
-        gi: int,
-        group: dict[str, Any],
-        positions: list[int],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        states: list[dict[str, Any]],
-        core_bufs: tuple[list[torch.Tensor], ...],
+        groups: list[tuple[int, dict[str, Any]]],
+        configs: dict[int, Any],
+        created: list[torch.Tensor],
+        only: Optional[tuple[int, int]],
     ) -> None:
-        """One call of the core for the collected parameters; the torch path for what it left."""
-        core_p, core_g, core_m, core_v = core_bufs
-        steps = [s["step"] + 1 for s in states]
-        beta1, beta2 = group["betas"]
-        wd = self.weight_decay
-        hyper = {
-            "lr": float(group["lr"]),
-            "beta1": float(beta1),
-            "beta2": float(beta2),
-            "eps": float(group["eps"]),
-            "weight_decay": float(group["weight_decay"]),
-            "weight_decouple": wd.weight_decouple,
-            "absolute": wd.absolute,
-            "optimized_update": self.optimized_update,
-            "num_threads": self._threads(),
-            # torch's OpenMP threads by default; RUSTADAM_THREAD_POOL=rayon for the core's own.
-            "pool": os.environ.get("RUSTADAM_THREAD_POOL") or None,
-        }
-        strict = self.backend == "rust"
-        ran, rejected = _core.adam_step(
-            core_p, core_g, core_m, core_v, steps, strict=strict, cache=self._cache(gi), **hyper
+        works = []
+        dtensor_steps = []  # (group, state, grad, param) stepped with torch ops on DTensors
+        states_of: list[list[dict[str, Any]]] = []
+        dtensor = _dtensor_type()
+        for gi, group in groups:
+            cfg = configs[gi]
+            w = functional.GroupWork(cfg, [], [], [], [], [], [])
+            positions: list[int] = []
+            states: list[dict[str, Any]] = []
+            kahan = cfg.rounding == "kahan"
+            if cfg.amsgrad:
+                w.max_exp_avg_sqs = []
+            if kahan:
+                w.compensations = []
+            for i, param, grad in self._grads(gi, group, only):
+                state = self._state(group, param, created)
+                bufs = [param, grad, state["exp_avg"], state["exp_avg_sq"]]
+                if cfg.amsgrad:
+                    bufs.append(_state_entry(state, "max_exp_avg_sq", gi, group, i, param))
+                if kahan:
+                    bufs.append(state.get("compensation"))
+                if dtensor is not None and (
+                    isinstance(param, dtensor) or isinstance(grad, dtensor)
+                ):
+                    local = _local_shards(dtensor, bufs)
+                    if local is None:
+                        if self.backend == "rust":
+                            raise RuntimeError(
+                                f"rustadam.Adam cannot step {param_label(gi, group, i, param)} "
+                                "on the Rust core: its gradient and state are not all DTensors "
+                                "sharded like it"
+                            )
+                        dtensor_steps.append((gi, group, i, state, grad, param))
+                        continue
+                    bufs = list(local)
+                positions.append(i)
+                states.append(state)
+                w.params.append(bufs[0])
+                w.grads.append(bufs[1])
+                w.exp_avgs.append(bufs[2])
+                w.exp_avg_sqs.append(bufs[3])
+                if cfg.amsgrad:
+                    w.max_exp_avg_sqs.append(bufs[4])
+                if kahan:
+                    w.compensations.append(bufs[-1])
+                w.steps.append(_next_step(state, gi, group, i, param))
+                w.seeds.append(_param_seed(self.seed, gi, i))
+            w.label = _labeler(gi, group, positions)
+            works.append(w)
+            states_of.append(states)
+        for gi, group, i, _state, grad, param in dtensor_steps:
+            functional.check_entry(param_label(gi, group, i, param), (param, grad))
+        written = functional.run_groups(
+            works,
+            backend=self.backend,
+            num_threads=self.num_threads,
+            grad_scale=getattr(self, "grad_scale", None),
         )
-        if not ran:
-            self._refuse(gi, group, positions, params, rejected[0])
-        done = set(range(len(states))) - {k for k, _, _ in rejected}
-        gather = [k for k, _, kind in rejected if kind == "layout"]
-        if gather:
-            # Not dense as they are: step dense copies, then write them back into the user's
-            # tensors, so nothing the user holds changes what it aliases.
-            bufs = [(core_p[k], core_g[k], core_m[k], core_v[k]) for k in gather]
-            dense = [tuple(t.contiguous() for t in b) for b in bufs]
-            ran, again = _core.adam_step(
-                *(list(c) for c in zip(*dense)), [steps[k] for k in gather], strict=True, **hyper
-            )
-            if not ran:
-                k, reason, kind = again[0]
-                self._refuse(gi, group, positions, params, (gather[k], reason, kind))
-            for b, d in zip(bufs, dense):
-                for i in (0, 2, 3):
-                    if d[i] is not b[i]:
-                        b[i].copy_(d[i])
-            done.update(gather)
-        for k in done:
-            states[k]["step"] = steps[k]
-        for k in sorted(set(range(len(states))) - done):
-            _check_writable(gi, group, positions[k], params[k])
-            self.step_param(states[k], group, grads[k], params[k])
-
-    def _cache(self, gi: int) -> _core.TensorCache:
-        """The group's remembered tensor metadata (private: not copied, pickled or saved)."""
-        caches = self.__dict__.setdefault("_core_caches", {})
-        cache = caches.get(gi)
-        if cache is None:
-            cache = caches[gi] = _core.TensorCache()
-        return cache
-
-    def _refuse(
-        self,
-        gi: int,
-        group: dict[str, Any],
-        positions: list[int],
-        params: list[torch.Tensor],
-        rejection: tuple[int, str, str],
-    ) -> None:
-        k, reason, _ = rejection
-        raise RuntimeError(
-            f"rustadam.Adam cannot step {_name(gi, group, positions[k], params[k])} "
-            f"on the Rust core: {reason}"
-        )
-
-    def _threads(self) -> int:
-        if self.num_threads is not None:
-            return self.num_threads
-        env = os.environ.get("RUSTADAM_NUM_THREADS")
-        if env:
-            try:
-                n = int(env)
-            except ValueError:
-                n = 0
-            if n < 1:
-                raise ValueError(f"RUSTADAM_NUM_THREADS must be an int >= 1, got {env!r}")
-            return n
-        return torch.get_num_threads()
+        for w, states in zip(works, states_of):
+            for state, t in zip(states, w.steps):
+                state["step"] = t
+        if written:
+            # Autograd must see that the step changed these tensors in place.
+            torch._C._increment_version(written)
+        self._unscale([grad for *_, grad, _ in dtensor_steps])
+        for _gi, group, _i, state, grad, param in dtensor_steps:
+            self.step_param(state, group, grad, param)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group, as torch does.
 
-        A weight-decay object given as a group's ``weight_decay`` stands for the values of its
-        ``defaults()``: ZeroRedundancyOptimizer builds its shards' groups from defaults that hold
-        the object passed to it as ``weight_decay=``.
+        A number given as the group's ``weight_decay`` is its λ for the optimizer's kind of
+        decay; a :class:`WeightDecay` given there decides the group's decay (its kind and λ).
         """
         wd = param_group.get("weight_decay") if isinstance(param_group, dict) else None
-        if wd is not None and callable(getattr(wd, "defaults", None)):
-            del param_group["weight_decay"]
-            for key, value in wd.defaults().items():
-                param_group.setdefault(key, value)
+        if wd is not None and not isinstance(wd, (int, float, WeightDecay)):
+            raise TypeError(f"a group's weight_decay must be a number or a WeightDecay, got {wd!r}")
         super().add_param_group(param_group)
+        if getattr(self, "gradient_release", False):
+            self._hook_params()
 
     # ---- torch.optim plumbing --------------------------------------------------------------------
 
@@ -444,14 +557,13 @@ class Adam(Optimizer):
         device, and ``step`` is kept (``torch.optim.Adam``'s tensor ``step`` becomes an int).
         Beyond torch's checks (the number of groups and of parameters in each), a state_dict
         that does not fit raises ValueError and leaves the optimizer unchanged: a group without
-        ``lr``, ``betas``, ``eps`` or the weight decay's keys; a group that asks for what this
-        optimizer does not do (``amsgrad``, ``maximize``, the other kind of weight decay); a
-        parameter's state with a missing entry, a moment shaped unlike the parameter or a
-        ``step`` that is not a count.
+        ``lr``, ``betas``, ``eps`` or the weight decay's keys; the other kind of weight decay;
+        a parameter's state with a missing entry, a moment shaped unlike the parameter, an
+        expanded moment or a ``step`` that is not a count.
         """
         # Registered last, the check sees the dict the user's pre-hooks produced, and runs
         # before torch changes anything.
-        handle = self.register_load_state_dict_pre_hook(_check_state_dict)
+        handle = self.register_load_state_dict_pre_hook(check_state_dict)
         try:
             super().load_state_dict(state_dict)
         finally:
@@ -481,136 +593,93 @@ class Adam(Optimizer):
                 s["step"] = int(step.item())
             elif isinstance(step, float):
                 s["step"] = int(step)
+        if getattr(self, "gradient_release", False):
+            self._hook_params()
 
     def __repr__(self) -> str:
         head = f"{type(self).__name__} ("
         settings = "".join(
             f"\n{name}: {getattr(self, name, None)!r}"
-            for name in ("weight_decay", "optimized_update", "backend", "num_threads")
+            for name in ("weight_decay", "optimized_update", "rounding", "backend", "num_threads")
         )
         return head + settings + super().__repr__()[len(head) :]
 
 
-def _check_state_dict(opt: Adam, state_dict: Any) -> None:
-    """Raises ValueError if ``opt`` cannot take ``state_dict``; changes nothing."""
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(f"an optimizer state_dict is a dict, got {type(state_dict).__name__}")
-    missing = [k for k in ("state", "param_groups") if k not in state_dict]
-    if missing:
-        raise ValueError(f"the loaded state dict has no {' or '.join(map(repr, missing))} entry")
-    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
-    if len(saved_groups) != len(opt.param_groups):
-        raise ValueError(
-            "loaded state dict has a different number of parameter groups: "
-            f"{len(saved_groups)}, the optimizer has {len(opt.param_groups)}"
-        )
-    hyper = ("lr", "betas", "eps", *opt.weight_decay.defaults())
-    where: dict[Any, tuple[int, dict[str, Any], int, torch.Tensor]] = {}
-    for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
-        ids = saved.get("params") if isinstance(saved, Mapping) else None
-        if ids is None:
-            raise ValueError(f"param_groups[{gi}] of the loaded state dict has no 'params' list")
-        if len(ids) != len(group["params"]):
-            raise ValueError(
-                "loaded state dict contains a parameter group that doesn't match the size of "
-                f"optimizer's group: param_groups[{gi}] has {len(ids)} parameters, the "
-                f"optimizer's has {len(group['params'])}"
-            )
-        lacking = [k for k in hyper if k not in saved]
-        if lacking:
-            raise ValueError(f"param_groups[{gi}] of the loaded state dict has no {lacking}")
-        for key in ("amsgrad", "maximize"):
-            if saved.get(key) and key not in opt.defaults:
-                raise ValueError(
-                    f"param_groups[{gi}] of the loaded state dict sets {key}=True, "
-                    f"which {type(opt).__name__} does not implement"
-                )
-        _check_decay_kind(opt, gi, saved)
-        for i, (pid, param) in enumerate(zip(ids, group["params"])):
-            where[pid] = (gi, group, i, param)
-    for pid, entry in saved_state.items():
-        if pid not in where:
-            continue  # torch keeps state of no listed parameter as it is
-        gi, group, i, param = where[pid]
-        _check_param_state(opt, entry, _name(gi, group, i, param), group, param)
+_MAX_THREADS = 1024
+_HALF = (torch.float16, torch.bfloat16)
 
 
-def _check_decay_kind(opt: Adam, gi: int, saved: Mapping[str, Any]) -> None:
-    """torch.optim.Adam/AdamW record which decay their ``weight_decay`` means; refuse the other."""
-    wd = opt.weight_decay
-    if (
-        "decoupled_weight_decay" not in saved
-        or "decoupled_weight_decay" in opt.defaults
-        or not saved.get("weight_decay")
-        or not isinstance(wd, WeightDecay)
-    ):
-        return
-    decoupled = bool(saved["decoupled_weight_decay"])
-    if decoupled == wd.weight_decouple and not wd.absolute:
-        return
-    kind = "decoupled (AdamW)" if decoupled else "L2"
-    raise ValueError(
-        f"param_groups[{gi}] of the loaded state dict comes from a torch optimizer with {kind} "
-        f"weight decay {saved['weight_decay']}, but this optimizer has {wd!r}; construct it with "
-        f"WeightDecay({saved['weight_decay']}, weight_decouple={decoupled}) to continue"
-    )
+class _GroupDecay:
+    """A group's own WeightDecay, called with the group's λ as its coefficient."""
+
+    def __init__(self, decay: WeightDecay) -> None:
+        self.decay = decay
+
+    def __call__(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> Any:
+        return self.decay(param, grad, {**group, "weight_decay": self.decay.weight_decay})
+
+    @property
+    def weight_decouple(self) -> bool:
+        return self.decay.weight_decouple
+
+    @property
+    def absolute(self) -> bool:
+        return self.decay.absolute
 
 
-def _check_param_state(
-    opt: Adam, entry: Any, name: str, group: dict[str, Any], param: torch.Tensor
-) -> None:
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"the loaded state of {name} is a {type(entry).__name__}, not a dict")
-    if len(entry) == 0:
-        return
-    expected = _expected_state(opt, group, param)
-    if expected is None:
-        return
-    lacking = [k for k in expected if k not in entry]
-    if lacking:
-        raise ValueError(f"the loaded state of {name} has no {lacking}")
-    for key, shape in expected.items():
-        value = entry[key]
-        if key == "step":
-            if not _is_count(value):
-                raise ValueError(f"the loaded state of {name} has step={value!r}, not a count")
-        elif shape is not None:
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(
-                    f"the loaded state of {name} has a {type(value).__name__} as {key!r}, "
-                    "not a tensor"
-                )
-            if tuple(value.shape) != shape:
-                raise ValueError(
-                    f"the loaded state of {name} has {key!r} of shape {tuple(value.shape)}, "
-                    f"expected {shape}"
-                )
-
-
-def _expected_state(
-    opt: Adam, group: dict[str, Any], param: torch.Tensor
-) -> Optional[dict[str, Optional[tuple[int, ...]]]]:
-    """The entries ``init_state`` creates for ``param``: name -> shape (None: not a tensor)."""
-    if type(opt).init_state is Adam.init_state and "init_state" not in opt.__dict__:
-        shape = tuple(param.shape)
-        return {"step": None, "exp_avg": shape, "exp_avg_sq": shape}
-    probe: dict[str, Any] = {}
-    try:
-        opt.init_state(probe, group, torch.empty_like(param, device="meta"))
-    except Exception:  # an override that needs real data; torch's own checks remain
-        return None
-    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in probe.items()}
-
-
-def _is_count(step: Any) -> bool:
-    """An int, or torch.optim.Adam's float tensor, holding a whole number >= 0."""
-    if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.is_complex():
-            return False
-        step = step.item()
-    if isinstance(step, bool) or not isinstance(step, (int, float)):
+def _placed(groups: list[dict[str, Any]], at: Optional[tuple[int, int]], param: Any) -> bool:
+    """Whether ``param`` is still parameter ``at`` = (group, index) of ``groups``."""
+    if at is None or at[0] >= len(groups):
         return False
-    return step >= 0 and float(step).is_integer()
+    params = groups[at[0]]["params"]
+    return at[1] < len(params) and params[at[1]] is param
+
+
+def _pair(betas: Any) -> tuple[float, float]:
+    b1, b2 = betas
+    return float(b1), float(b2)
+
+
+def _k(x: float, dtype: torch.dtype) -> float:
+    """A float64 hyper-parameter rounded once to the compute type, as the core rounds it."""
+    if dtype == torch.float64:
+        return float(x)
+    return float(torch.tensor(x, dtype=torch.float64).to(dtype).item())
+
+
+def _param_seed(seed: int, gi: int, i: int) -> int:
+    """A parameter's stochastic-rounding seed, from the optimizer's seed and its position."""
+    return (seed ^ (_rounding.mix_int(gi) << 32) ^ _rounding.mix_int(i)) % 2**64
+
+
+def _next_step(state: dict[str, Any], gi: int, group: dict[str, Any], i: int, p: Any) -> int:
+    """t after this update, checked: a count from 0 that fits in 63 bits."""
+    step = state["step"]
+    if isinstance(step, torch.Tensor):
+        step = int(step.item())
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63 - 1:
+        raise RuntimeError(
+            f"{param_label(gi, group, i, p)}: its state has step={step!r}; "
+            "expected a count from 0 below 2**63 - 1"
+        )
+    return step + 1
+
+
+def _state_entry(
+    state: dict[str, Any], key: str, gi: int, group: dict[str, Any], i: int, p: Any
+) -> torch.Tensor:
+    value = state.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise RuntimeError(
+            f"{param_label(gi, group, i, p)}: its state has no {key!r} tensor (was amsgrad "
+            "turned on after it first stepped? its state then lacks the running maximum)"
+        )
+    return value
+
+
+def _labeler(gi: int, group: dict[str, Any], positions: list[int]) -> Callable[[int], str]:
+    params = group["params"]
+    return lambda k: param_label(gi, group, positions[k], params[positions[k]])
 
 
 def _dtensor_type() -> Optional[type]:
@@ -641,11 +710,8 @@ def _local_shards(
     return tuple(t.to_local() for t in buffers)
 
 
-_HALF = (torch.float16, torch.bfloat16)
-
-
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    """16-bit floats are computed in float32 (SPEC: rounded once when stored); others in place.
+    """16-bit floats are computed in float32 (SPEC: rounded once when stored); others as they are.
 
     float16 cannot even hold the default eps (1e-16 rounds to 0), so a zero gradient would give
     0/0 in float16 arithmetic.
@@ -653,58 +719,11 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in _HALF else t
 
 
-def _store(t: torch.Tensor, computed: torch.Tensor) -> None:
-    """Writes a float32 result back into its 16-bit tensor (one rounding); no-op otherwise."""
-    if computed is not t:
-        t.copy_(computed)
+def _write(t: torch.Tensor, computed: torch.Tensor) -> None:
+    """Stores a computed value into its tensor (one rounding to nearest for 16-bit)."""
+    t.copy_(computed)
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
     """Complex tensors as pairs of reals (as torch.optim.Adam treats them); others unchanged."""
     return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _name(gi: int, group: dict[str, Any], i: int, param: torch.Tensor) -> str:
-    names = group.get("param_names")
-    label = f"param_groups[{gi}]['params'][{i}]"
-    if names is not None and i < len(names):
-        label = f"parameter {names[i]!r} ({label})"
-    return f"{label} (shape {tuple(param.shape)}, {param.dtype}, {param.device})"
-
-
-def _check_not_aliased(
-    gi: int, group: dict[str, Any], i: int, param: torch.Tensor, grad: torch.Tensor
-) -> None:
-    """A gradient sharing memory with its parameter makes every result meaningless."""
-    dtensor = _dtensor_type()
-    if dtensor is not None and (isinstance(param, dtensor) or isinstance(grad, dtensor)):
-        # A DTensor has no storage of its own; its local shard has.
-        if not (isinstance(param, dtensor) and isinstance(grad, dtensor)):
-            return
-        param, grad = param.to_local(), grad.to_local()
-    if param.device != grad.device or param.numel() == 0 or grad.numel() == 0:
-        return
-    ps, gs = param.untyped_storage(), grad.untyped_storage()
-    if ps.data_ptr() != gs.data_ptr():
-        return
-    p0, g0 = param.data_ptr(), grad.data_ptr()
-    p1 = p0 + _extent(param) * param.element_size()
-    g1 = g0 + _extent(grad) * grad.element_size()
-    if p0 < g1 and g0 < p1:
-        raise RuntimeError(
-            f"{_name(gi, group, i, param)}: its gradient shares memory with the parameter"
-        )
-
-
-def _check_writable(gi: int, group: dict[str, Any], i: int, param: torch.Tensor) -> None:
-    """A conjugate view stores the conjugate: stepping it in place cannot be right."""
-    if param.is_complex() and param.is_conj():
-        raise RuntimeError(
-            f"{_name(gi, group, i, param)}: it is a conjugate view (is_conj() is set); "
-            "step a resolved tensor (param.resolve_conj()) instead"
-        )
-
-
-def _extent(t: torch.Tensor) -> int:
-    """Elements from the first to one past the last element of a view."""
-    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))

@@ -54,10 +54,7 @@ class WeightDecay:
                 param.data.mul_(1.0 - float(group["lr"]) * group["weight_decay"])
             return grad
         if group["weight_decay"] != 0:
-            if grad.is_floating_point() and grad.element_size() == 2:
-                # Computed in float32 like the rest of a 16-bit step (never rounded to 16 bits).
-                return grad.float().add_(param.data.float(), alpha=group["weight_decay"])
-            return grad.add(param.data, alpha=group["weight_decay"])
+            return _l2(param.data, grad, group["weight_decay"])
         return grad
 
     def _key(self) -> tuple[float, bool, bool]:
@@ -76,3 +73,23 @@ class WeightDecay:
             f"{type(self).__name__}(weight_decay={self.weight_decay}, "
             f"weight_decouple={self.weight_decouple}, absolute={self.absolute})"
         )
+
+
+def _l2(param: torch.Tensor, grad: torch.Tensor, wd: float) -> torch.Tensor:
+    """g + λ·θ with one rounding to the gradient's dtype (16-bit: computed in float32).
+
+    The fused multiply-add makes every path (torch ops, the Rust core, the Triton kernel) agree
+    bit for bit; complex tensors are pairs of reals.
+    """
+    import torch
+
+    from rustadam import _rounding
+
+    g, p = grad, param
+    if g.is_complex():
+        g, p = torch.view_as_real(g.resolve_conj()), torch.view_as_real(p.resolve_conj())
+    compute = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
+    lam = float(torch.tensor(wd, dtype=torch.float64).to(compute).item())
+    out = _rounding.fma(p.to(compute), torch.full_like(g, lam, dtype=compute), g.to(compute))
+    out = out.to(g.dtype)
+    return torch.view_as_complex(out) if grad.is_complex() else out

@@ -1,0 +1,160 @@
+"""Checks that a state dict fits an optimizer before torch loads it (nothing is changed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from rustadam.functional import param_label
+from rustadam.weight_decay import WeightDecay
+
+if TYPE_CHECKING:
+    from rustadam.optimizer import Adam
+
+
+def check_state_dict(opt: Adam, state_dict: Any) -> None:
+    """Raises ValueError if ``opt`` cannot take ``state_dict``; changes nothing."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"an optimizer state_dict is a dict, got {type(state_dict).__name__}")
+    missing = [k for k in ("state", "param_groups") if k not in state_dict]
+    if missing:
+        raise ValueError(f"the loaded state dict has no {' or '.join(map(repr, missing))} entry")
+    saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(
+            "loaded state dict has a different number of parameter groups: "
+            f"{len(saved_groups)}, the optimizer has {len(opt.param_groups)}"
+        )
+    hyper = ("lr", "betas", "eps", *opt.weight_decay.defaults())
+    where: dict[Any, tuple[int, dict[str, Any], int, torch.Tensor]] = {}
+    for gi, (saved, group) in enumerate(zip(saved_groups, opt.param_groups)):
+        ids = saved.get("params") if isinstance(saved, Mapping) else None
+        if ids is None:
+            raise ValueError(f"param_groups[{gi}] of the loaded state dict has no 'params' list")
+        if len(ids) != len(group["params"]):
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of "
+                f"optimizer's group: param_groups[{gi}] has {len(ids)} parameters, the "
+                f"optimizer's has {len(group['params'])}"
+            )
+        lacking = [k for k in hyper if k not in saved]
+        if lacking:
+            raise ValueError(f"param_groups[{gi}] of the loaded state dict has no {lacking}")
+        for key in ("amsgrad", "maximize"):
+            if saved.get(key) and key not in opt.defaults:
+                raise ValueError(
+                    f"param_groups[{gi}] of the loaded state dict sets {key}=True, "
+                    f"which {type(opt).__name__} does not implement"
+                )
+        _check_decay_kind(opt, gi, saved)
+        for i, (pid, param) in enumerate(zip(ids, group["params"])):
+            where[pid] = (gi, {**group, **_hyper(saved)}, i, param)
+    for pid, entry in saved_state.items():
+        if pid not in where:
+            continue  # torch keeps state of no listed parameter as it is
+        gi, group, i, param = where[pid]
+        _check_param_state(opt, entry, param_label(gi, group, i, param), group, param)
+
+
+def _hyper(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved group's values: they replace the optimizer's on load, so the state must fit them."""
+    return {k: v for k, v in saved.items() if k != "params"}
+
+
+def _check_decay_kind(opt: Adam, gi: int, saved: Mapping[str, Any]) -> None:
+    """torch.optim.Adam/AdamW record which decay their ``weight_decay`` means; refuse the other."""
+    wd = opt.weight_decay
+    if (
+        "decoupled_weight_decay" not in saved
+        or "decoupled_weight_decay" in opt.defaults
+        or not saved.get("weight_decay")
+        or not isinstance(wd, WeightDecay)
+    ):
+        return
+    decoupled = bool(saved["decoupled_weight_decay"])
+    if decoupled == wd.weight_decouple and not wd.absolute:
+        return
+    kind = "decoupled (AdamW)" if decoupled else "L2"
+    raise ValueError(
+        f"param_groups[{gi}] of the loaded state dict comes from a torch optimizer with {kind} "
+        f"weight decay {saved['weight_decay']}, but this optimizer has {wd!r}; construct it with "
+        f"WeightDecay({saved['weight_decay']}, weight_decouple={decoupled}) to continue"
+    )
+
+
+def _check_param_state(
+    opt: Adam, entry: Any, name: str, group: dict[str, Any], param: torch.Tensor
+) -> None:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"the loaded state of {name} is a {type(entry).__name__}, not a dict")
+    if len(entry) == 0:
+        return
+    expected = _expected_state(opt, group, param)
+    if expected is None:
+        return
+    lacking = [k for k in expected if k not in entry]
+    if lacking:
+        raise ValueError(f"the loaded state of {name} has no {lacking}")
+    for key, shape in expected.items():
+        value = entry[key]
+        if key == "step":
+            if not _is_count(value):
+                raise ValueError(f"the loaded state of {name} has step={value!r}, not a count")
+        elif shape is not None:
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"the loaded state of {name} has a {type(value).__name__} as {key!r}, "
+                    "not a tensor"
+                )
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"the loaded state of {name} has {key!r} of shape {tuple(value.shape)}, "
+                    f"expected {shape}"
+                )
+            if any(n > 1 and st == 0 for n, st in zip(value.shape, value.stride())):
+                raise ValueError(
+                    f"the loaded state of {name} has {key!r} with a stride of 0 (an expanded "
+                    "view); it is updated in place, so every element needs memory of its own"
+                )
+
+
+def _expected_state(
+    opt: Adam, group: dict[str, Any], param: torch.Tensor
+) -> Optional[dict[str, Optional[tuple[int, ...]]]]:
+    """The entries ``init_state`` creates for ``param``: name -> shape (None: not a tensor)."""
+    from rustadam.optimizer import Adam
+
+    if type(opt).init_state is Adam.init_state and "init_state" not in opt.__dict__:
+        shape = tuple(param.shape)
+        expected: dict[str, Optional[tuple[int, ...]]] = {
+            "step": None,
+            "exp_avg": shape,
+            "exp_avg_sq": shape,
+        }
+        if group.get("amsgrad"):
+            expected["max_exp_avg_sq"] = shape
+        if group.get("rounding", opt.rounding) == "kahan" and param.dtype in _HALF:
+            expected["compensation"] = shape
+        return expected
+    probe: dict[str, Any] = {}
+    try:
+        opt.init_state(probe, group, torch.empty_like(param, device="meta"))
+    except Exception:  # an override that needs real data; torch's own checks remain
+        return None
+    return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in probe.items()}
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _is_count(step: Any) -> bool:
+    """An int, or torch.optim.Adam's float tensor, holding a whole number >= 0."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_complex():
+            return False
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+        return False
+    return step >= 0 and float(step).is_integer()

@@ -1,0 +1,319 @@
+r"""``rustadam.functional``: the Adam math over lists of tensors, dispatched per device and dtype.
+
+:class:`rustadam.Adam` collects each group's parameters, gradients, states and step counts and
+hands them here; the same function serves anyone who keeps their own state.
+
+Per parameter with gradient g and update count t (after this update), with bc1 = 1 − β1^t and
+bc2 = 1 − β2^t in float64::
+
+    g ← −g if maximize;  weight decay (decoupled: θ ← θ·(1 − α·λ), absolute: θ ← θ·(1 − λ),
+    L2: g ← g + λ·θ), rounded to the tensor's dtype
+    m ← β1·m + (1 − β1)·g;   v ← β2·v + (1 − β2)·g²;   v_max ← max(v_max, v) with amsgrad
+    θ ← θ − (α·√bc2 / bc1) · m / (√v + ε̂)           optimized_update=True
+    θ ← θ − (α / bc1) · m / (√v / √bc2 + ε)          optimized_update=False
+
+16-bit tensors compute in float32 and round once when stored (``rounding`` may make that
+rounding stochastic or Kahan-compensated); complex tensors are pairs of reals.
+
+Where each tensor goes (``backend="auto"``): exact ``torch.Tensor``/``nn.Parameter`` CPU tensors
+of float32, float64, bfloat16, float16, complex64 and complex128 to the Rust core, in one checked
+call for all groups; CUDA tensors to the Triton kernel where triton imports; everything else to
+torch's foreach ops. ``"rust"``, ``"triton"`` and ``"foreach"`` force one path (``"rust"``
+raises for a tensor the core cannot take).
+
+>>> import torch
+>>> from rustadam.functional import adam
+>>> p, g = torch.ones(3), torch.full((3,), 0.5)
+>>> m, v = torch.zeros(3), torch.zeros(3)
+>>> adam([p], [g], [m], [v], [1], lr=0.1, betas=(0.9, 0.999), eps=1e-8)
+>>> [round(x, 4) for x in p.tolist()]
+[0.9, 0.9, 0.9]
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from rustadam import _core, _foreach
+
+__all__ = ["GroupWork", "adam", "param_label", "run_groups"]
+
+BACKENDS = ("auto", "rust", "triton", "foreach", "torch")
+_EXACT = (torch.Tensor, torch.nn.Parameter)
+
+
+@dataclass
+class GroupWork:
+    """One group's lists for a step; ``steps[k]`` is t after this update."""
+
+    config: Any
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    exp_avgs: list[torch.Tensor]
+    exp_avg_sqs: list[torch.Tensor]
+    steps: list[int]
+    seeds: list[int]
+    max_exp_avg_sqs: Optional[list[torch.Tensor]] = None
+    compensations: Optional[list[Optional[torch.Tensor]]] = None
+    #: Names parameter k in errors.
+    label: Callable[[int], str] = field(default=lambda k: f"parameter {k}")
+
+    def entry(self, k: int) -> tuple[Any, ...]:
+        """Parameter k's buffers: (param, grad, m, v, v_max or None, compensation or None)."""
+        return (
+            self.params[k],
+            self.grads[k],
+            self.exp_avgs[k],
+            self.exp_avg_sqs[k],
+            None if self.max_exp_avg_sqs is None else self.max_exp_avg_sqs[k],
+            None if self.compensations is None else self.compensations[k],
+        )
+
+
+def adam(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float = 0.0,
+    weight_decouple: bool = True,
+    absolute: bool = False,
+    optimized_update: bool = True,
+    maximize: bool = False,
+    amsgrad: bool = False,
+    max_exp_avg_sqs: Optional[list[torch.Tensor]] = None,
+    rounding: str = "nearest",
+    compensations: Optional[list[Optional[torch.Tensor]]] = None,
+    seeds: Optional[list[int]] = None,
+    backend: str = "auto",
+    num_threads: Optional[int] = None,
+) -> None:
+    """One Adam step over lists of tensors, in place (see the module docstring for the math).
+
+    ``steps[k]`` is t after this update (1 on the first). All-or-nothing: a tensor no path can
+    step raises before anything is written.
+    """
+    config = _core.Config(
+        lr=float(lr),
+        betas=(float(betas[0]), float(betas[1])),
+        eps=float(eps),
+        weight_decay=float(weight_decay),
+        weight_decouple=weight_decouple,
+        absolute=absolute,
+        optimized_update=optimized_update,
+        maximize=maximize,
+        amsgrad=amsgrad,
+        rounding=rounding,
+    )
+    work = GroupWork(
+        config,
+        list(params),
+        list(grads),
+        list(exp_avgs),
+        list(exp_avg_sqs),
+        list(steps),
+        list(seeds) if seeds is not None else [0] * len(params),
+        None if max_exp_avg_sqs is None else list(max_exp_avg_sqs),
+        None if compensations is None else list(compensations),
+    )
+    run_groups([work], backend=backend, num_threads=num_threads)
+
+
+def threads(num_threads: Optional[int]) -> int:
+    """The core's thread count: the given one, else ``RUSTADAM_NUM_THREADS``, else torch's."""
+    if num_threads is not None:
+        return num_threads
+    env = os.environ.get("RUSTADAM_NUM_THREADS")
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"RUSTADAM_NUM_THREADS must be an int >= 1, got {env!r}")
+        return n
+    return torch.get_num_threads()
+
+
+def check_entry(label: str, entry: tuple[Any, ...]) -> None:
+    """The checks every path makes (the core makes them again on its own buffers)."""
+    p, g = entry[0], entry[1]
+    if g.dtype != p.dtype:
+        raise RuntimeError(f"{label}: its gradient has dtype {g.dtype}, the parameter {p.dtype}")
+    for name, t in zip(("gradient", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), entry[1:5]):
+        if t is not None and t.shape != p.shape:
+            raise RuntimeError(
+                f"{label}: its {name} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}"
+            )
+    if p.is_complex() and p.is_conj():
+        raise RuntimeError(
+            f"{label}: it is a conjugate view (is_conj() is set); step a resolved tensor "
+            "(param.resolve_conj()) instead"
+        )
+    present = [(n, t) for n, t in zip(_ROLES, entry) if t is not None]
+    spans = [(n, _span(t)) for n, t in present]
+    for a in range(len(spans)):
+        for b in range(a + 1, len(spans)):
+            (na, sa), (nb, sb) = spans[a], spans[b]
+            if sa is None or sb is None or "grad" == na == nb:
+                continue
+            if sa[0] == sb[0] and sa[1] < sb[2] and sb[1] < sa[2]:
+                raise RuntimeError(f"{label}: its {nb} shares memory with its {na}")
+
+
+_ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "compensation")
+
+
+def _span(t: torch.Tensor) -> Optional[tuple[Any, int, int]]:
+    """(storage, first byte, end byte) of a tensor's memory, None where it has none of its own."""
+    if t.numel() == 0:
+        return None
+    try:
+        storage = (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError, TypeError):  # wrapper subclasses
+        return None
+    size = t.element_size()
+    lo = t.data_ptr() + size * sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s < 0)
+    hi = t.data_ptr() + size * sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s > 0)
+    return storage, lo, hi + size
+
+
+def param_label(gi: int, group: dict[str, Any], i: int, param: torch.Tensor) -> str:
+    """How errors name parameter ``i`` of group ``gi`` (by its name where the group has them)."""
+    names = group.get("param_names")
+    label = f"param_groups[{gi}]['params'][{i}]"
+    if names is not None and i < len(names):
+        label = f"parameter {names[i]!r} ({label})"
+    return f"{label} (shape {tuple(param.shape)}, {param.dtype}, {param.device})"
+
+
+def _triton_ok(p: torch.Tensor) -> bool:
+    if p.device.type != "cuda":
+        return False
+    from rustadam import _triton
+
+    return _triton.available()
+
+
+def run_groups(
+    works: list[GroupWork],
+    *,
+    backend: str = "auto",
+    num_threads: Optional[int] = None,
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
+) -> list[torch.Tensor]:
+    """Steps every group, all or nothing; returns the tensors the Rust core wrote in place.
+
+    Order: route and check everything (the core reads and checks its buffers into one plan),
+    then the core, then the Triton kernel and foreach ops. An error in the checks leaves every
+    tensor as it was.
+    """
+    if backend not in BACKENDS or backend == "torch":
+        raise ValueError(f"Invalid backend: {backend!r}")
+    core_in: list[tuple[Any, ...]] = []
+    core_pos: list[list[int]] = []
+    other: list[tuple[int, int, str]] = []  # (group, position, path)
+    use_core = backend in ("auto", "rust")
+    for gi, w in enumerate(works):
+        pos = []
+        for k, p in enumerate(w.params):
+            if use_core and type(p) in _EXACT:
+                pos.append(k)
+            elif backend == "rust":
+                raise RuntimeError(
+                    f"rustadam.Adam cannot step {w.label(k)} on the Rust core: it is a "
+                    f"{type(p).__name__}, not exactly a torch.Tensor or nn.Parameter"
+                )
+            else:
+                path = (
+                    "triton"
+                    if backend == "triton" or (backend == "auto" and _triton_ok(p))
+                    else "foreach"
+                )
+                other.append((gi, k, path))
+        core_pos.append(pos)
+        core_in.append(_lists(w, pos))
+    # Checked before the plan: a subclass's Python code may run here, and must not run between
+    # the core's checks and its writes.
+    for gi, k, _ in other:
+        check_entry(works[gi].label(k), works[gi].entry(k))
+    plan = None
+    if any(core_pos):
+        try:
+            plan = _core.plan(core_in, strict=backend == "rust")
+        except _core.StepError as e:
+            gi, k, kind, reason = e.args
+            w = works[gi]
+            label = w.label(core_pos[gi][k])
+            if kind == "fatal":
+                raise RuntimeError(f"{label}: {reason}") from None
+            raise RuntimeError(
+                f"rustadam.Adam cannot step {label} on the Rust core: {reason}"
+            ) from None
+        for gi, k, _ in plan.deferred:
+            k = core_pos[gi][k]
+            w = works[gi]
+            check_entry(w.label(k), w.entry(k))
+            other.append((gi, k, "triton" if _triton_ok(w.params[k]) else "foreach"))
+    written: list[torch.Tensor] = []
+    if plan is not None and len(plan):
+        if grad_scale is not None:
+            if found_inf is not None and bool(found_inf.item()):
+                return written
+            for gi, pos in enumerate(core_pos):
+                grads = [works[gi].grads[k] for k in pos]
+                if grads:
+                    torch._foreach_div_(grads, grad_scale.to(grads[0].device))
+        plan.execute(num_threads=threads(num_threads))
+        for gi, pos in enumerate(core_pos):
+            w = works[gi]
+            for k in pos:
+                written.extend(t for t in w.entry(k) if t is not None)
+    for path in ("triton", "foreach"):
+        for gi, w in enumerate(works):
+            ks = [k for g2, k, pth in other if g2 == gi and pth == path]
+            if not ks:
+                continue
+            fn = _foreach.foreach_adam
+            if path == "triton":
+                from rustadam import _triton
+
+                fn = _triton.triton_adam
+            lists = _lists(w, ks)
+            fn(
+                *lists[1:5],
+                lists[5],
+                lists[6],
+                lists[7],
+                lists[8],
+                w.config,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+    return written
+
+
+def _lists(w: GroupWork, ks: list[int]) -> tuple[Any, ...]:
+    """The core's and the paths' argument tuple for positions ``ks`` of a group."""
+    pick = lambda xs: [xs[k] for k in ks]  # noqa: E731
+    return (
+        w.config,
+        pick(w.params),
+        pick(w.grads),
+        pick(w.exp_avgs),
+        pick(w.exp_avg_sqs),
+        None if w.max_exp_avg_sqs is None else pick(w.max_exp_avg_sqs),
+        None if w.compensations is None else pick(w.compensations),
+        pick(w.steps),
+        pick(w.seeds),
+    )
