@@ -1,0 +1,579 @@
+"""Soundness of the glue between torch and the Rust core (issue 11): stale metadata, objects the
+extension must refuse by type, all-or-nothing steps, overlapping parameters, numpy aliasing,
+autograd version counters, memory the optimizer no longer needs, and the torch path.
+
+Every case that could crash the interpreter (write freed or foreign memory, abort, hang) runs in
+its own subprocess through ``_attacks.run_case``; the rest run here. Threads and processes are in
+``test_soundness_threads.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import re
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import rustadam.numpy as rnp
+from _attacks import assert_unchanged, run_case, snapshot
+from oracle import AdamOracle
+from rustadam import Adam, WeightDecay
+
+BACKENDS = ["auto", "rust", "torch"]
+LR, BETAS = 0.1, (0.9, 0.999)
+
+
+def grads_for(params, seed, dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dtype or p.dtype)
+
+
+def set_grad(t, g):
+    """Assigns a gradient, also of another dtype (torch checks ``grad_dtype`` on assignment)."""
+    if g.dtype != t.dtype and hasattr(t, "grad_dtype"):
+        t.grad_dtype = None
+    t.grad = g
+
+
+def assert_close(a, b, what=""):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: {m}")
+
+
+# ---- stale metadata between steps --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "rust"])
+def test_transposed_square_param_steps_like_the_torch_twin_and_the_oracle(backend):
+    torch.manual_seed(0)
+    init = [torch.randn(6, 6), torch.randn(5)]
+    a = [p.clone() for p in init]
+    b = [p.clone() for p in init]
+    oa = Adam(a, lr=LR, weight_decay=WeightDecay(0.1), backend=backend)
+    ob = Adam(b, lr=LR, weight_decay=WeightDecay(0.1), backend="torch")
+    group = {"lr": LR, "betas": BETAS, "eps": 1e-16, "weight_decay": 0.1}
+    oracle = AdamOracle([dict(group, params=[p.numpy() for p in init])])
+    for seed in range(2):
+        grads_for(a, seed)
+        grads_for(b, seed)
+        oracle.step([[p.grad.double().numpy() for p in a]])
+        oa.step()
+        ob.step()
+    for ps in (a, b):
+        ps[0].data = ps[0].data.t()  # same memory and data pointer, other strides
+    oracle.params[0][0] = oracle.params[0][0].T.copy()  # the moments keep their positions
+    for seed in range(2, 5):
+        grads_for(a, seed)
+        grads_for(b, seed)
+        oracle.step([[p.grad.double().numpy() for p in a]])
+        oa.step()
+        ob.step()
+        for i, (p, q) in enumerate(zip(a, b)):
+            assert_close(p, q, f"param {i} vs torch twin after step {seed}")
+            np.testing.assert_allclose(
+                p.double().numpy(), oracle.params[0][i], rtol=1e-5, atol=1e-6
+            )
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert_close(oa.state[p][k], ob.state[q][k], f"{k} {i}")
+                np.testing.assert_allclose(
+                    oa.state[p][k].double().numpy(),
+                    oracle.state[0][i][k],
+                    rtol=1e-5,
+                    atol=1e-7,
+                )
+
+
+def test_param_shrunk_with_a_stale_grad_is_refused_and_changes_nothing():
+    out = run_case(
+        r"""
+        from rustadam import Adam, WeightDecay
+        for backend in ("auto", "rust", "torch"):
+            for named in (False, True):
+                torch.manual_seed(0)
+                p, q, r = torch.randn(4096), torch.randn(3, 5), torch.randn(7)
+                first = [("shrunk", p), ("q", q)] if named else [p, q]
+                second = [("r", r)] if named else [r]
+                opt = Adam([{"params": first}, {"params": second}], lr=0.1,
+                           weight_decay=WeightDecay(0.1), backend=backend)
+                for t in (p, q, r):
+                    t.grad = torch.randn(t.shape)
+                opt.step()
+                for t in (p, q, r):
+                    t.grad = torch.randn(t.shape)
+                p.data = p.data[:5]           # the gradient and the state keep 4096 elements
+                snap = snapshot(opt)
+                try:
+                    opt.step()
+                    print(backend, named, "NO ERROR")
+                except BaseException as e:
+                    try:
+                        assert_unchanged(opt, snap, f"{backend} named={named}")
+                        unchanged = "unchanged"
+                    except AssertionError as a:
+                        unchanged = "CHANGED " + str(a)[:200]
+                    want = "'shrunk'" if named else "param_groups[0]['params'][0]"
+                    msg = repr(str(e)[:200])
+                    print(backend, named, exc_name(e), want in str(e), unchanged, msg)
+        print("END")
+        """,
+        timeout=60,
+    )
+    lines = out.strip().splitlines()
+    assert lines[-1] == "END", out
+    for line in lines[:-1]:
+        assert re.match(r"\w+ (True|False) RuntimeError True unchanged ", line), line
+
+
+def test_storage_freed_and_reused_smaller_at_the_same_address_is_never_a_crash():
+    out = run_case(
+        r"""
+        from rustadam import Adam
+        outcomes = []
+        for backend in ("auto", "rust"):
+            for n in (1 << 12, 1 << 18):  # a heap chunk and an mmap'ed block
+                p = torch.randn(n)
+                opt = Adam([p], lr=0.1, backend=backend)
+                p.grad = torch.randn(n)
+                opt.step()
+                addr = p.data_ptr()
+                hits = 0
+                for attempt in range(64):
+                    p.data = torch.zeros(1)   # frees the old storage
+                    gc.collect()
+                    small = torch.randn(n // 2)
+                    if small.data_ptr() == addr:
+                        hits += 1
+                    p.data = small            # the gradient, too, keeps n elements
+                    if attempt % 2:           # a gradient of the new size; the state keeps n
+                        p.grad = None
+                        p.grad = torch.randn(n // 2)
+                    try:
+                        opt.step()
+                        outcomes.append("stepped")
+                    except (RuntimeError, ValueError) as e:
+                        outcomes.append(type(e).__name__)
+                    if hits >= 4:
+                        break
+                print(backend, n, "same-address hits", hits)
+        # the heap is still sound: allocate, free, compute
+        junk = [torch.randn(1000 + i) for i in range(200)]
+        del junk
+        gc.collect()
+        print("outcomes", sorted(set(outcomes)))
+        print("END", bool(torch.randn(1 << 16).isfinite().all()))
+        """,
+        timeout=60,
+    )
+    assert out.strip().splitlines()[-1] == "END True", out
+    # Every step had a gradient or a state of the old size: nothing meaningful could run.
+    assert (
+        "outcomes ['RuntimeError']" in out
+        or "outcomes ['ValueError']" in out
+        or ("outcomes ['RuntimeError', 'ValueError']" in out)
+    ), out
+
+
+# ---- objects the extension refuses by type -----------------------------------------------------
+
+TYPE_ATTACK = r"""
+import torch
+from rustadam import _core
+
+n = 64
+cfg = _core.Config(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                   weight_decouple=True, absolute=False, optimized_update=True,
+                   maximize=False, amsgrad=False)
+
+def four():
+    return [torch.zeros(n), torch.ones(n), torch.zeros(n), torch.zeros(n)]
+
+# Control: the entry point as specified steps plain tensors and Parameters.
+bufs = four()
+bufs[0] = torch.nn.Parameter(bufs[0], requires_grad=False)
+_core.adam_step([bufs[0]], [bufs[1]], [bufs[2]], [bufs[3]], [1], cfg)
+assert bufs[0].detach().ne(0).all(), "the control step did not write"
+print("control ok")
+
+canary = torch.zeros(n)
+
+class Duck:
+    # says it is a float32 CPU tensor of n elements living at the canary's address
+    shape = torch.Size([n]); dtype = torch.float32; layout = torch.strided
+    device = torch.device("cpu"); is_cpu = True; is_cuda = False; requires_grad = False
+    def stride(self, dim=None): return (1,) if dim is None else 1
+    def data_ptr(self): return canary.data_ptr()
+    def numel(self): return n
+    def dim(self): return 1
+    def size(self, dim=None): return self.shape if dim is None else n
+    def element_size(self): return 4
+    def storage_offset(self): return 0
+    def is_contiguous(self, memory_format=None): return True
+    def is_neg(self): return False
+    def is_conj(self): return False
+    def is_complex(self): return False
+    def untyped_storage(self): return canary.untyped_storage()
+    def __len__(self): return n
+
+class Sub(torch.Tensor):
+    pass
+
+class SubParam(torch.nn.Parameter):
+    pass
+
+impostors = {
+    "duck": lambda: Duck(),
+    "subclass": lambda: canary.as_subclass(Sub),
+    "parameter subclass": lambda: SubParam(canary, requires_grad=False),
+}
+for name, make in impostors.items():
+    for slot in range(4):
+        bufs = four()
+        before = [b.clone() for b in bufs]
+        bufs[slot] = make()
+        try:
+            _core.adam_step([bufs[0]], [bufs[1]], [bufs[2]], [bufs[3]], [1], cfg)
+            outcome = "accepted"
+        except BaseException as e:
+            outcome = type(e).__name__
+        written = not torch.equal(canary, torch.zeros(n)) or any(
+            not torch.equal(b, b0) for b, b0 in zip(bufs, before) if type(b) is torch.Tensor)
+        print(name, slot, outcome, "written" if written else "untouched")
+        canary.zero_()
+print("END")
+"""
+
+
+def test_core_refuses_every_object_that_is_not_exactly_a_tensor_or_parameter():
+    out = run_case(TYPE_ATTACK, timeout=60, prelude=False)
+    lines = out.strip().splitlines()
+    assert lines[0] == "control ok" and lines[-1] == "END", out
+    for line in lines[1:-1]:
+        assert line.endswith("TypeError untouched"), line
+
+
+def test_torch_function_subclass_that_frees_a_checked_param_steps_like_torch():
+    out = run_case(
+        r"""
+        from rustadam import Adam, WeightDecay
+        VICTIM = []
+
+        class Evil(torch.Tensor):
+            @classmethod
+            def __torch_function__(cls, func, types, args=(), kwargs=None):
+                # Replace the other parameter's data by a copy: its old storage is freed.
+                for v in VICTIM:
+                    v.data = v.data.clone()
+                with torch._C.DisableTorchFunctionSubclass():
+                    return func(*args, **(kwargs or {}))
+
+        def run(make_opt, order):
+            torch.manual_seed(0)
+            victim = torch.nn.Parameter(torch.randn(1 << 20))   # 4 MiB: mmap'ed, unmapped on free
+            evil = torch.randn(33).as_subclass(Evil)
+            evil.requires_grad_(True)
+            params = [victim, evil] if order == "victim first" else [evil, victim]
+            opt = make_opt(params)
+            results = []
+            for s in range(3):
+                torch.manual_seed(10 + s)
+                victim.grad = torch.randn(victim.shape)
+                evil.grad = torch.randn(33).as_subclass(Evil)
+                VICTIM[:] = [victim]
+                opt.step()
+                VICTIM[:] = []
+            return victim.detach().clone(), evil.detach().as_subclass(torch.Tensor).clone()
+
+        for order in ("victim first", "evil first"):
+            ref = run(lambda ps: torch.optim.Adam(ps, lr=0.1, eps=1e-8, foreach=False), order)
+            for backend in ("auto", "torch"):
+                got = run(lambda ps: Adam(ps, lr=0.1, eps=1e-8, optimized_update=False,
+                                          weight_decay=WeightDecay(0), backend=backend), order)
+                ok = all(torch.allclose(x, y, rtol=1e-5, atol=1e-6) for x, y in zip(got, ref))
+                print(order, backend, "equal" if ok else "DIFFERENT")
+        print("END")
+        """,
+        timeout=90,
+    )
+    lines = out.strip().splitlines()
+    assert lines[-1] == "END", out
+    assert len(lines) == 5 and all(line.endswith(" equal") for line in lines[:-1]), out
+
+
+# ---- all-or-nothing steps ----------------------------------------------------------------------
+
+
+def three_groups(backend, wd=None):
+    """g0: two dense params; g1: a dense param and a non-dense one (a slice); g2: one dense."""
+    wd = WeightDecay(0.1) if wd is None else wd
+    torch.manual_seed(0)
+    base = torch.randn(40)
+    a, b, e, d = torch.randn(4, 4), torch.randn(10), torch.randn(3, 3), torch.randn(6)
+    c = base[::2]
+    assert not c.is_contiguous()
+    opt = Adam(
+        [{"params": [a, b]}, {"params": [e, c]}, {"params": [d]}],
+        lr=LR,
+        weight_decay=wd,
+        backend=backend,
+    )
+    params = [a, b, e, c, d]
+    for seed in range(2):
+        grads_for(params, seed)
+        opt.step()
+    grads_for(params, 2)
+    return opt, params, c
+
+
+BAD_STATES = {
+    "exp_avg of the wrong shape": lambda opt, c: opt.state[c].__setitem__(
+        "exp_avg", torch.zeros(c.numel() + 1)
+    ),
+    "exp_avg_sq is exp_avg": lambda opt, c: opt.state[c].__setitem__(
+        "exp_avg_sq", opt.state[c]["exp_avg"]
+    ),
+    "float64 gradient": lambda opt, c: set_grad(c, c.grad.double()),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad", list(BAD_STATES))
+def test_a_bad_non_dense_param_refuses_the_whole_step(backend, bad):
+    opt, params, c = three_groups(backend)
+    BAD_STATES[bad](opt, c)
+    snap = snapshot(opt)
+    with pytest.raises(RuntimeError) as info:
+        opt.step()
+    assert "param_groups[1]['params'][1]" in str(info.value), str(info.value)
+    assert_unchanged(opt, snap, bad)
+    # The error is not sticky: fixed, the next step runs everywhere.
+    if bad == "float64 gradient":
+        c.grad = c.grad.float()
+        opt.step()
+        assert all(opt.state[p]["step"] == 3 for p in params)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["dense", "non-dense"])
+def test_expanded_moment_in_a_state_dict_changes_nothing(backend, which):
+    opt, params, c = three_groups(backend)
+    target = params[2] if which == "dense" else c  # both in group 1
+    sd = copy.deepcopy(opt.state_dict())
+    pid = 2 if which == "dense" else 3
+    sd["state"][pid]["exp_avg"] = torch.zeros(1).expand(target.shape)
+    before = snapshot(opt)
+    try:
+        opt.load_state_dict(sd)
+    except ValueError:
+        assert_unchanged(opt, before, "load_state_dict refused")
+        return
+    snap = snapshot(opt)
+    with pytest.raises((RuntimeError, ValueError)):
+        opt.step()
+    assert_unchanged(opt, snap, "step after loading an expanded exp_avg")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lr", [-0.1, math.nan])
+def test_invalid_lr_on_a_later_group_refuses_the_step(backend, lr):
+    opt, _params, _ = three_groups(backend)
+    opt.param_groups[1]["lr"] = lr
+    snap = snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]|group 1") as info:
+        opt.step()
+    assert "learning rate" in str(info.value).lower() or "lr" in str(info.value), info.value
+    assert_unchanged(opt, snap, f"lr={lr}")
+
+
+# ---- overlapping parameters --------------------------------------------------------------------
+
+
+def overlapping(kind):
+    torch.manual_seed(0)
+    base = torch.randn(24)
+    if kind == "two strided views":
+        views = lambda t: [t[0:12:2], t[4:16:2]]  # noqa: E731 (share elements 4, 6, 8, 10)
+    elif kind == "dense then strided":
+        views = lambda t: [t[0:8], t[4:20:2]]  # noqa: E731
+    else:  # strided then dense
+        views = lambda t: [t[1:21:3], t[5:15]]  # noqa: E731
+    return base, views
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["two strided views", "dense then strided", "strided then dense"])
+def test_overlapping_params_step_sequentially_in_index_order(backend, kind):
+    base, views = overlapping(kind)
+    b1, b2 = base.clone(), base.clone()
+    p1, p2 = views(b1), views(b2)
+    assert any(not p.is_contiguous() for p in p1)
+    ours = Adam(p1, lr=LR, eps=1e-8, optimized_update=False, weight_decay=WeightDecay(0),
+                backend=backend)  # fmt: skip
+    ref = torch.optim.Adam(p2, lr=LR, eps=1e-8, weight_decay=0, foreach=False)
+    for seed in range(4):
+        grads_for(p1, seed)
+        grads_for(p2, seed)
+        ours.step()
+        ref.step()
+        assert_close(b1, b2, f"base after step {seed}")
+    for p, q in zip(p1, p2):
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert_close(ours.state[p][k], ref.state[q][k], k)
+
+
+# ---- numpy: aliasing by memory, not by base object ---------------------------------------------
+
+
+@pytest.mark.parametrize("pair", [(0, 2), (0, 3), (2, 3), (1, 0), (1, 2), (1, 3)])
+@pytest.mark.parametrize("partial", [False, True])
+def test_numpy_arrays_over_the_same_memory_without_a_common_base(pair, partial):
+    names = ["param", "grad", "exp_avg", "exp_avg_sq"]
+    buf = bytearray(8 * 24)
+    arrays = [np.full(16, 0.5), np.full(16, 1.0), np.zeros(16), np.zeros(16)]
+    x, y = pair
+    arrays[x] = np.frombuffer(buf, dtype=np.float64, count=16, offset=0)
+    arrays[y] = np.frombuffer(buf, dtype=np.float64, count=16, offset=8 * 8 if partial else 0)
+    arrays[x][:] = arrays[y][:] = 0.25 if names[x] != "grad" else 1.0
+    before = bytes(buf)
+    with pytest.raises(ValueError) as info:
+        rnp.adam_step(*arrays, 1, lr=0.1)
+    assert bytes(buf) == before, "written before refusing"
+    assert names[x] in str(info.value) or names[y] in str(info.value), info.value
+
+
+# ---- autograd ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["rust", "auto"])
+@pytest.mark.parametrize("n", [5, 100_000])
+def test_step_bumps_the_version_counter_of_what_it_writes(backend, n):
+    p = torch.nn.Parameter(torch.randn(n))
+    opt = Adam([p], lr=LR, backend=backend)
+    y = (p * p).sum()  # saves p for backward
+    p.grad = torch.ones(n)
+    version = p._version
+    opt.step()
+    assert p._version > version
+    m, v = opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]
+    vm, vv = m._version, v._version
+    p.grad = torch.ones(n)
+    opt.step()
+    assert m._version > vm and v._version > vv
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+# ---- memory the optimizer no longer references -------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "rust"])
+def test_states_of_a_removed_group_are_freed(backend):
+    p, q = torch.randn(100), torch.randn(50, 2)
+    opt = Adam([{"params": [p]}, {"params": [q]}], lr=LR, backend=backend)
+    grads_for([p, q], 0)
+    opt.step()
+    refs = [weakref.ref(opt.state[q][k]) for k in ("exp_avg", "exp_avg_sq")]
+    opt.param_groups.pop()
+    opt.state.pop(q)
+    grads_for([p], 1)
+    opt.step()
+    gc.collect()
+    assert all(r() is None for r in refs), "a removed group's state is still alive"
+
+
+@pytest.mark.parametrize("backend", ["auto", "rust"])
+def test_states_replaced_by_load_state_dict_are_freed(backend):
+    params = [torch.randn(100), torch.randn(30)[::3]]
+    opt = Adam(params, lr=LR, backend=backend)
+    for seed in range(2):
+        grads_for(params, seed)
+        opt.step()
+    refs = [weakref.ref(opt.state[p][k]) for p in params for k in ("exp_avg", "exp_avg_sq")]
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    grads_for(params, 3)
+    opt.step()
+    gc.collect()
+    assert all(r() is None for r in refs), "replaced states are still alive"
+
+
+# ---- the torch path ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize(
+    "decay",
+    [
+        (WeightDecay(0), 0.0, False),
+        (WeightDecay(0.1, weight_decouple=False), 0.1, False),
+        (WeightDecay(0.1), 0.1, True),
+    ],
+    ids=["none", "l2", "decoupled"],
+)
+def test_two_tensor_params_step_like_torch_adam(backend, decay):
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    wd, lam, decoupled = decay
+
+    def make():
+        torch.manual_seed(0)
+        x, y = torch.randn(4, 3), torch.randn(4, 3)
+        return [torch.nn.Parameter(TwoTensor(x, y)), torch.nn.Parameter(torch.randn(5))]
+
+    ours_p, ref_p = make(), make()
+    ours = Adam(ours_p, lr=LR, eps=1e-8, optimized_update=False, weight_decay=wd, backend=backend)
+    ref_cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    ref = ref_cls(ref_p, lr=LR, eps=1e-8, weight_decay=lam, foreach=False)
+    for seed in range(3):
+        for ps in (ours_p, ref_p):
+            torch.manual_seed(100 + seed)
+            ga, gb = torch.randn(4, 3), torch.randn(4, 3)
+            ps[0].grad = TwoTensor(ga, gb)
+            ps[1].grad = torch.randn(5)
+        ours.step()
+        ref.step()
+    assert type(ours_p[0]) is type(ref_p[0])
+    assert_close(ours_p[0].a, ref_p[0].a, "a")
+    assert_close(ours_p[0].b, ref_p[0].b, "b")
+    assert_close(ours_p[1], ref_p[1], "plain")
+
+
+class _Plain(torch.Tensor):
+    """A trivial subclass: takes the torch path on backend="auto"."""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["plain", "subclass", "non-dense"])
+def test_gradient_of_another_dtype_is_an_error_on_every_backend(backend, kind):
+    if kind == "subclass" and backend == "rust":
+        pytest.skip("backend='rust' refuses a subclass parameter whatever its gradient")
+    torch.manual_seed(0)
+    ok = torch.randn(8)
+    if kind == "plain":
+        bad = torch.randn(3, 4)
+    elif kind == "subclass":
+        bad = torch.randn(3, 4).as_subclass(_Plain)
+    else:
+        bad = torch.randn(3, 8)[:, ::2]
+    opt = Adam([ok, bad], lr=LR, backend=backend)
+    ok.grad = torch.randn(8)
+    set_grad(bad, torch.randn(3, 4, dtype=torch.float64))
+    snap = snapshot(opt)
+    with pytest.raises(RuntimeError) as info:
+        opt.step()
+    assert "param_groups[0]['params'][1]" in str(info.value), info.value
+    assert "PanicException" not in type(info.value).__name__
+    assert_unchanged(opt, snap, kind)
+
+
+def test_errors_name_the_parameter_by_its_name_when_the_group_has_param_names():
+    w, b = torch.randn(4, 4), torch.randn(4)
+    opt = Adam([("layer.weight", w), ("layer.bias", b)], lr=LR)
+    assert opt.param_groups[0].get("param_names") == ["layer.weight", "layer.bias"]
+    w.grad = torch.randn(4, 4)
+    set_grad(b, torch.randn(4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"layer\.bias"):
+        opt.step()
