@@ -7,14 +7,15 @@ Adam on the CPU is memory-bound: each step reads θ, g, m, v and writes θ, m, v
 - the median step time over the measured steps (after warm-up steps that also create the
   state), the min–max, and the effective bandwidth 7 · itemsize · elements / median;
 - the ratio to ``torch.optim.Adam(fused=True)`` on the same tensors;
-- the roofline: ``rustadam._core.roofline`` makes the same loads and stores as the kernel, over
+- the roofline: ``rustadam._core.plan(...).roofline`` checks the tensors as a step does and
+  makes the same loads and stores as the kernel, over
   the same chunks and threads, with trivial arithmetic (θ += g, m += g, v += g). Its time is
   what the memory system allows; a contender's share of it is roofline time / contender time.
 
 Cases: (a) one float32 tensor of 16M (2^24) elements; (b) 4,000 float32 tensors of 1,000
 elements; (c) the 148 parameter tensors of GPT-2 small (124,439,808 float32 elements);
 (d) one bfloat16 tensor of 16M elements; (e) one float32 tensor of 1M (2^20) elements, which
-fits in the caches.
+fits in the caches; (f) the demo's MLP (128×64, 128, 10×128, 10 float32).
 
 Contenders in turn, in three rounds (``--rounds``) that each measure a third of the steps, so a
 drift of the machine's memory bandwidth during the run reaches all of them; each on fresh copies
@@ -36,6 +37,11 @@ Example::
     python -m rustadam.bench --cases a,b,e --steps 20 --out out/bench
 
 matplotlib is needed here only; the library does not import it.
+
+``--device cuda`` runs the GPU benchmark instead (:mod:`rustadam._bench_cuda`): cases (b), (c),
+(d); ``rustadam.Adam`` with the Triton and foreach backends against torch fused, foreach and
+for-loop and a Triton roofline kernel, timed with CUDA events; writes ``bench-cuda.md`` and
+``bench-cuda.json`` under ``--out``. Without CUDA it says so and exits with code 2.
 """
 
 from __future__ import annotations
@@ -65,7 +71,9 @@ EPS = 1e-8
 LARGE_CASE = 50_000_000
 CAPPED_STEPS = 3
 CAPPED_WARMUP = 2
-CASE_KEYS = ("a", "b", "c", "d", "e")
+CASE_KEYS = ("a", "b", "c", "d", "e", "f")
+# (f): the demo's 64-128-10 MLP, a model whose step is dominated by per-call overhead.
+MLP_SHAPES = ((128, 64), (128,), (10, 128), (10,))
 FUSED = "torch fused"
 RUST = "rustadam (auto)"
 TORCH_PATH = "rustadam (torch path)"
@@ -137,7 +145,7 @@ def make_cases(quick: bool = False) -> dict[str, Case]:
     else:
         big, many, cache = 16 * M, (4000, 1000), 1 * M
         gpt2 = gpt2_shapes()
-        steps = {"a": 20, "b": 20, "c": 10, "d": 20, "e": 50}
+        steps = {"a": 20, "b": 20, "c": 10, "d": 20, "e": 50, "f": 200}
     n_t, n_el = many
     return {
         "a": Case("a", f"one float32 tensor of {_count(big)} elements", f"(a) {_count(big)} fp32",
@@ -151,6 +159,8 @@ def make_cases(quick: bool = False) -> dict[str, Case]:
                   ((big,),), torch.bfloat16, steps["d"]),
         "e": Case("e", f"one float32 tensor of {_count(cache)} elements (in cache)",
                   f"(e) {_count(cache)} fp32", ((cache,),), torch.float32, steps["e"]),
+        "f": Case("f", "small model: the MLP shapes (128×64, 128, 10×128, 10)", "(f) MLP",
+                  MLP_SHAPES, torch.float32, steps["f"]),
     }  # fmt: skip
 
 
@@ -257,14 +267,16 @@ def measure_roofline(
     steps: int,
     collect: bool = True,
 ) -> Result:
-    """Times ``_core.roofline`` on copies of the parameters and zero moments."""
+    """Times the core's roofline (``Plan.roofline``) on copies of the params and zero moments."""
     res = Result(ROOFLINE, warmup=warmup)
     try:
         ps = [p.clone() for p in p0]
         ms = [torch.zeros_like(p) for p in p0]
         vs = [torch.zeros_like(p) for p in p0]
+        group = [(_core.Config(), ps, grads, ms, vs, None, None, [1] * len(ps), [0] * len(ps))]
+        # A checked plan per call, as every optimizer step makes one.
         res.times = _time_steps(
-            lambda: _core.roofline(ps, grads, ms, vs, num_threads=threads), warmup, steps
+            lambda: _core.plan(group, strict=True).roofline(num_threads=threads), warmup, steps
         )
     except Exception as e:
         res.error = _reason(e)
@@ -725,7 +737,18 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m rustadam.bench", description=__doc__.split("\n")[0]
     )
-    ap.add_argument("--cases", default=",".join(CASE_KEYS), help="comma-separated, from a,b,c,d,e")
+    ap.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu (default): the Rust core against torch on the CPU; cuda: rustadam's Triton "
+        "and foreach backends against torch on a CUDA GPU, cases b,c,d (exit code 2 without CUDA)",
+    )
+    ap.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated, from a,b,c,d,e,f (--device cuda: from b,c,d); default all",
+    )
     ap.add_argument("--steps", type=int, default=None, help="measured steps (default per case)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps per round (default 3)")
     ap.add_argument(
@@ -738,10 +761,20 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     ap.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder")
     args = ap.parse_args(argv)
+    allowed = CASE_KEYS
+    if args.device == "cuda":
+        from rustadam import _bench_cuda
+
+        allowed = _bench_cuda.CASE_KEYS
+    if args.cases is None:
+        args.cases = ",".join(allowed)
     keys = [k.strip() for k in args.cases.split(",") if k.strip()]
-    bad = [k for k in keys if k not in CASE_KEYS]
+    bad = [k for k in keys if k not in allowed]
     if bad or not keys:
-        ap.error(f"--cases: unknown case(s) {bad or args.cases!r}; expected some of a,b,c,d,e")
+        ap.error(
+            f"--cases: unknown case(s) {bad or args.cases!r}; expected some of "
+            f"{','.join(allowed)}" + (" with --device cuda" if args.device == "cuda" else "")
+        )
     args.cases = list(dict.fromkeys(keys))
     if args.steps is not None and args.steps < 1:
         ap.error(f"--steps must be >= 1, got {args.steps}")
@@ -757,11 +790,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the chosen cases, prints the tables and writes the markdown, PNG and JSON files."""
     args = parse_args(argv)
+    command = "python -m rustadam.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        from rustadam import _bench_cuda
+
+        return _bench_cuda.main(args, command.strip())
     threads = torch.get_num_threads()
     info = machine_info(threads)
-    command = "python -m rustadam.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"rustadam benchmark — {machine_line(info)}", flush=True)
     print(f"command: {command.strip()}\n", flush=True)
     cases = make_cases(args.quick)
