@@ -18,16 +18,11 @@ import torch
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-# Prepended to every attack. `torch.compiler.disable` is replaced by the identity before rustadam
-# is imported: the real one imports torch._dynamo (1.5 s of a 4 s start, per subprocess, on a
-# 2-core machine), and in eager mode it only marks a graph break, so the step is the same code.
+# Prepended to every attack.
 PRELUDE = f"""
 import copy, gc, os, sys, threading, time, weakref
 sys.path.insert(0, {TESTS!r})
 import torch
-def _identity_disable(fn=None, recursive=True, **kwargs):
-    return fn if fn is not None else (lambda f: f)
-torch.compiler.disable = _identity_disable
 from _attacks import snapshot, assert_unchanged, exc_name
 """
 

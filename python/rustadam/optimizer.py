@@ -278,7 +278,10 @@ class Adam(Optimizer):
                     "with torch.amp.GradScaler"
                 )
             return loss  # the backward pass stepped every parameter
-        self._locked(self._step_all)
+        if torch.compiler.is_compiling():
+            _rustadam_step_runs_eagerly(self._locked, self._step_all)
+        else:
+            self._locked(self._step_all)
         return loss
 
     def _locked(self, fn: Callable[..., None], *args: Any) -> None:
@@ -625,6 +628,13 @@ class _GroupDecay:
     @property
     def absolute(self) -> bool:
         return self.decay.absolute
+
+
+@torch._disable_dynamo
+def _rustadam_step_runs_eagerly(f: Callable[..., None], *args: Any) -> None:
+    """``f(*args)`` behind a graph break under torch.compile: rustadam.Adam.step's checks and
+    the Rust core cannot be traced (torch imports its compiler only when this first runs)."""
+    f(*args)
 
 
 def _placed(groups: list[dict[str, Any]], at: Optional[tuple[int, int]], param: Any) -> bool:
