@@ -13,7 +13,13 @@ import torch
 import rustadam
 from rustadam import demo
 
-FIGURES = {"head_to_head.png", "update_modes.png", "weight_decay.png", "step_bound.png"}
+FIGURES = {
+    "head_to_head.png",
+    "update_modes.png",
+    "weight_decay.png",
+    "step_bound.png",
+    "bf16_rounding.png",
+}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +99,7 @@ def test_head_to_head_is_the_same_algorithm_as_torch(ran):
 def test_every_run_learns(ran):
     result, _, _ = ran
     runs = [*result.head_to_head.values(), *result.update_modes.values()]
-    runs += result.weight_decay.values()
+    runs += [*result.weight_decay.values(), *result.bf16.values()]
     for run in runs:
         assert run.loss[1] < run.loss[0] < math.log(10), (run.label, run.loss)
         assert run.acc[-1] > 0.5, (run.label, run.acc)  # 10 classes: chance is 0.1
@@ -145,6 +151,58 @@ def test_first_step_moves_every_weight_with_a_gradient_by_alpha(ran):
     moved = first[first > 0]
     assert 0.5 * first.size < moved.size < first.size
     np.testing.assert_allclose(moved, demo.LR, rtol=1e-4)
+
+
+def test_pure_bfloat16_runs_keep_their_small_updates(ran):
+    result, _, printed = ran
+    runs = result.bf16
+    assert list(runs) == ["float32", "nearest", "stochastic", "kahan", "kahan, release"]
+    for key, run in runs.items():
+        dtype = torch.float32 if key == "float32" else torch.bfloat16
+        assert run.dtype == dtype and len(run.loss) == 2
+        assert run.opt.rounding == ("nearest" if key == "float32" else key.split(",")[0])
+        assert run.opt.gradient_release == key.endswith("release")
+        for p in run.model.parameters():
+            state = run.opt.state[p]
+            assert p.dtype == dtype, key
+            assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == dtype, key
+            assert ("compensation" in state) == key.startswith("kahan"), key
+            if "compensation" in state:
+                assert state["compensation"].dtype == dtype
+    # Gradient release changes nothing but when each parameter is stepped.
+    assert runs["kahan, release"].loss == runs["kahan"].loss
+    for a, b in zip(runs["kahan, release"].model.parameters(), runs["kahan"].model.parameters()):
+        assert torch.equal(a, b)
+    assert "kahan with gradient release gives the kahan run bit for bit: True" in printed
+    # After two epochs round-to-nearest has drifted from float32 (by ~0.6% of the loss) while
+    # stochastic rounding and Kahan summation follow it (~0.01%).
+    f32 = runs["float32"].loss[-1]
+    gap = {k: abs(runs[k].loss[-1] - f32) / f32 for k in ("nearest", "stochastic", "kahan")}
+    assert gap["stochastic"] < 2e-3 and gap["kahan"] < 2e-3, gap
+    assert gap["nearest"] > 3 * max(gap["stochastic"], gap["kahan"]), gap
+
+
+def test_memory_table_is_measured_per_mode(ran):
+    result, _, printed = ran
+    rows = {(m.label, m.release): m for m in result.memory}
+    expected = {  # weights + gradients + moments (+ compensation), bytes per parameter
+        "float32": (4, 4, 8),
+        "bfloat16, nearest": (2, 2, 4),
+        "bfloat16, stochastic": (2, 2, 4),
+        "bfloat16, kahan": (2, 2, 6),
+    }
+    assert set(rows) == {(label, r) for label in expected for r in (False, True)}
+    n = sum(p.numel() for p in demo.make_model(0).parameters())
+    largest = max(p.numel() for p in demo.make_model(0).parameters())
+    for label, (w, g, s) in expected.items():
+        usual, release = rows[label, False], rows[label, True]
+        assert (usual.weights, usual.grads, usual.states, usual.total) == (w, g, s, w + g + s)
+        # Every gradient is freed once stepped: none is held, at most one alive at a time.
+        assert (release.weights, release.grads, release.states) == (w, 0, s)
+        assert release.total == w + s
+        assert usual.peak_grads == g
+        assert release.peak_grads == pytest.approx(g * largest / n)
+        assert f"{label:<22}" in printed
 
 
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--threads", "0"], ["--epochs", "x"]])

@@ -2,7 +2,7 @@
 
 The model is a 64-128-10 MLP (ReLU) on scikit-learn's bundled handwritten digits (1797 images of
 8×8 pixels, no download), cross-entropy loss, learning rate α = 1e-3, batches of 32. The demo runs
-three parts and writes one PNG per figure under ``--out`` (default ``out/demo``):
+four parts and writes one PNG per figure under ``--out`` (default ``out/demo``):
 
 1. Head to head (``head_to_head.png``): ``rustadam.Adam(optimized_update=False, eps=1e-8)``
    against ``torch.optim.Adam(eps=1e-8)``. Both are then the same algorithm,
@@ -19,6 +19,14 @@ three parts and writes one PNG per figure under ``--out`` (default ``out/demo``)
    |Δ| ≤ α·(1 − β1)/sqrt(1 − β2) when 1 − β1 > sqrt(1 − β2) (≈ 3.16·α for the default betas),
    and |Δ| ≈ α in most cases. The demo records |Δθ| of every weight at every step and plots
    the distribution against α and that bound.
+4. Pure bfloat16 (``bf16_rounding.png``): the same MLP with its weights, inputs, gradients and
+   optimizer state in bfloat16, trained with ``rounding="nearest"``, ``"stochastic"`` and
+   ``"kahan"`` (and Kahan with ``gradient_release=True``, which must give the Kahan run's numbers
+   exactly) against float32, loss per epoch. Round-to-nearest loses every update smaller than
+   half a bfloat16 ulp of its weight; the other two keep them on average or exactly. Also
+   prints the bytes per parameter each mode holds — weights, gradients, moments and Kahan's
+   compensation, measured from the tensors the optimizer allocates — with and without
+   gradient release.
 
 Example::
 
@@ -112,6 +120,8 @@ class Run:
     step_s: list[float] = field(default_factory=list)  # seconds of every opt.step()
     # |Δθ| of every element at every step, recorded only when not None.
     deltas: Optional[list[np.ndarray]] = None
+    # The model's dtype: inputs are cast to it (bfloat16 for the pure-bfloat16 runs).
+    dtype: torch.dtype = torch.float32
 
     def mean_step_us(self) -> float:
         return 1e6 * float(np.mean(self.step_s))
@@ -134,6 +144,10 @@ class DemoResult:
     bound_run: Run
     bound: dict[str, float]
     figures: list[Path]
+    # The pure-bfloat16 runs ("float32", "nearest", "stochastic", "kahan", "kahan, release")
+    # and the measured memory per mode (:class:`Memory`).
+    bf16: dict[str, Run] = field(default_factory=dict)
+    memory: list[Memory] = field(default_factory=list)
 
 
 def load_data(seed: int) -> Data:
@@ -160,7 +174,7 @@ def make_model(seed: int) -> nn.Module:
 
 
 def _flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
 
 
 def train_lockstep(
@@ -193,7 +207,7 @@ def train_lockstep(
             xb, yb = data.x_train[idx], data.y_train[idx]
             for k, run in enumerate(runs):
                 run.opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(run.model(xb), yb)
+                loss = F.cross_entropy(run.model(xb.to(run.dtype)), yb)
                 loss.backward()
                 before = _flat_params(run.model).clone() if run.deltas is not None else None
                 # As timeit does: a full collection of the cyclic garbage collector (hundreds
@@ -211,7 +225,7 @@ def train_lockstep(
         with torch.no_grad():
             for k, run in enumerate(runs):
                 run.loss.append(totals[k] / n)
-                pred = run.model(data.x_test).argmax(dim=1)
+                pred = run.model(data.x_test.to(run.dtype)).argmax(dim=1)
                 run.acc.append((pred == data.y_test).float().mean().item())
                 run.norm.append(_flat_params(run.model).norm().item())
         on_epoch(epoch, runs, say)
@@ -228,7 +242,7 @@ def _rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-300)
 
 
-# ---- the three parts -----------------------------------------------------------------------------
+# ---- the four parts ------------------------------------------------------------------------------
 
 
 def head_to_head(
@@ -257,7 +271,7 @@ def head_to_head(
         ),
     ]
     print(
-        f"\n[1/3] Head to head: rustadam.Adam(optimized_update=False, eps={_g(HEAD_TO_HEAD_EPS)}) "
+        f"\n[1/4] Head to head: rustadam.Adam(optimized_update=False, eps={_g(HEAD_TO_HEAD_EPS)}) "
         f"vs torch.optim.Adam(eps={_g(HEAD_TO_HEAD_EPS)})\n"
         "      The same algorithm, theta <- theta - (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps), "
         "from the same\n      initial weights on the same batches; only float32 rounding "
@@ -340,7 +354,7 @@ def options(
         "False": _rustadam_run("optimized_update=False", base, threads, optimized_update=False),
     }
     print(
-        f"\n[2/3] rustadam options, {epochs} epochs each, same initial weights and batches, "
+        f"\n[2/4] rustadam options, {epochs} epochs each, same initial weights and batches, "
         f"lr={LR:g}, eps={DEFAULT_EPS:g}\n"
         "      optimized_update=True folds sqrt(bc2) into the step size, False is the textbook "
         "form:"
@@ -408,7 +422,7 @@ def step_bound(
     )
     run.deltas = []
     print(
-        f"\n[3/3] The bounded step: |delta theta| of every weight at every step, {epochs} epochs, "
+        f"\n[3/4] The bounded step: |delta theta| of every weight at every step, {epochs} epochs, "
         f"rustadam.Adam(optimized_update=False, eps={BOUND_EPS:g})"
     )
     train_lockstep([run], data, epochs, seed, "step bound", tqdm, _progress_line("bound", epochs))
@@ -431,6 +445,153 @@ def step_bound(
         f"{info['le_alpha'] / deltas.size:.2%} are <= lr; {int(info['zeros'])} are exactly 0"
     )
     return run, info
+
+
+# Pure bfloat16: the runs of part 4, as (key, dtype, rounding, gradient_release).
+BF16_RUNS = [
+    ("float32", torch.float32, "nearest", False),
+    ("nearest", torch.bfloat16, "nearest", False),
+    ("stochastic", torch.bfloat16, "stochastic", False),
+    ("kahan", torch.bfloat16, "kahan", False),
+    ("kahan, release", torch.bfloat16, "kahan", True),
+]
+
+
+@dataclass
+class Memory:
+    """Bytes per parameter one training step holds, measured on the MLP's real tensors.
+
+    ``weights``, ``grads`` (gradients held after backward, when ``opt.step()`` runs) and
+    ``states`` (every tensor in the optimizer's state: m, v and Kahan's compensation) are summed
+    ``nbytes`` divided by the number of parameters; ``peak_grads`` is the most gradient bytes
+    alive at once during backward (with gradient release each one is freed once stepped).
+    """
+
+    label: str
+    dtype: torch.dtype
+    rounding: str
+    release: bool
+    weights: float
+    grads: float
+    states: float
+    peak_grads: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.states
+
+
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_memory(data: Data, seed: int, threads: Optional[int]) -> list[Memory]:
+    """Builds the MLP and its optimizer per mode, runs one step and counts what they hold."""
+    rows = []
+    x, y = data.x_train[:BATCH_SIZE], data.y_train[:BATCH_SIZE]
+    for release in (False, True):
+        for key, dtype, rounding, _ in BF16_RUNS[:4]:
+            model = make_model(seed).to(dtype)
+            params = list(model.parameters())
+            live = [0]
+
+            # Registered before the optimizer's own hook, so it runs first: it sees this
+            # parameter's gradient and every other gradient still alive.
+            def count(_: torch.Tensor, params: list[torch.Tensor] = params, live: list = live):
+                alive = _nbytes(q.grad for q in params if q.grad is not None)
+                live[0] = max(live[0], alive)
+
+            for p in params:
+                p.register_post_accumulate_grad_hook(count)
+            opt = Adam(
+                params,
+                lr=LR,
+                rounding=rounding,
+                gradient_release=release,
+                backend="rust",
+                num_threads=threads,
+            )
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(dtype)), y).backward()
+            opt.step()
+            n = sum(p.numel() for p in params)
+            states = [t for s in opt.state.values() for t in s.values()]
+            rows.append(
+                Memory(
+                    label=key if dtype == torch.float32 else f"bfloat16, {key}",
+                    dtype=dtype,
+                    rounding=rounding,
+                    release=release,
+                    weights=_nbytes(params) / n,
+                    grads=_nbytes(p.grad for p in params if p.grad is not None) / n,
+                    states=_nbytes(t for t in states if isinstance(t, torch.Tensor)) / n,
+                    peak_grads=live[0] / n,
+                )
+            )
+    return rows
+
+
+def pure_bf16(
+    data: Data, epochs: int, seed: int, threads: Optional[int], tqdm: Any
+) -> tuple[dict[str, Run], list[Memory]]:
+    base = make_model(seed)
+    runs = {}
+    for key, dtype, rounding, release in BF16_RUNS:
+        model = copy.deepcopy(base).to(dtype)
+        opt = Adam(
+            model.parameters(),
+            lr=LR,
+            betas=BETAS,
+            rounding=rounding,
+            gradient_release=release,
+            backend="rust",
+            num_threads=threads,
+        )
+        label = "float32" if dtype == torch.float32 else f'bfloat16, rounding="{rounding}"'
+        runs[key] = Run(label + (", gradient_release" if release else ""), model, opt, dtype=dtype)
+    print(
+        f"\n[4/4] Pure bfloat16: weights, inputs, gradients, m and v in bfloat16, {epochs} epochs, "
+        f"lr={LR:g}, against float32.\n      Round-to-nearest drops every update below half a "
+        "bfloat16 ulp of its weight (2^-9 relative);\n      stochastic rounding keeps them on "
+        "average, Kahan summation in a bfloat16 compensation buffer."
+    )
+    keys = list(runs)
+    print("      " + f"{'epoch':>7}" + "".join(f"  {k:>14}" for k in keys) + "   (training loss)")
+
+    def report(epoch: int, rs: Sequence[Run], say: Callable[[str], None]) -> None:
+        say("      " + f"{epoch:>3}/{epochs:<3}" + "".join(f"  {r.loss[-1]:>14.4f}" for r in rs))
+
+    train_lockstep(list(runs.values()), data, epochs, seed, "bfloat16", tqdm, report)
+    same = runs["kahan"].loss == runs["kahan, release"].loss and torch.equal(
+        _flat_params(runs["kahan"].model), _flat_params(runs["kahan, release"].model)
+    )
+    print(
+        "      test accuracy: "
+        + ", ".join(f"{k} {r.acc[-1]:.2%}" for k, r in runs.items())
+        + f"\n      kahan with gradient release gives the kahan run bit for bit: {same}"
+    )
+    memory = measure_memory(data, seed, threads)
+    print(
+        "      Bytes per parameter (measured: nbytes of the weights, of the gradients held "
+        "when opt.step() runs\n      and of every optimizer state tensor, over the "
+        f"{sum(p.numel() for p in base.parameters())} parameters):"
+    )
+    print(
+        f"      {'mode':<22}  {'gradient release':>16}  {'weights':>7}  {'grads':>5}  "
+        f"{'state':>5}  {'total':>5}  {'peak grads in backward':>22}"
+    )
+    for m in memory:
+        print(
+            f"      {m.label:<22}  {'yes' if m.release else 'no':>16}  {m.weights:>7.2f}  "
+            f"{m.grads:>5.2f}  {m.states:>5.2f}  {m.total:>5.2f}  {m.peak_grads:>22.2f}"
+        )
+    print(
+        "      With gradient release each gradient is freed as soon as its parameter is "
+        "stepped: at most one is\n      alive, here at worst the 64x128 weight's gradient "
+        f"({max(p.numel() for p in base.parameters())} of the "
+        f"{sum(p.numel() for p in base.parameters())} parameters)."
+    )
+    return runs, memory
 
 
 # ---- figures -------------------------------------------------------------------------------------
@@ -620,6 +781,58 @@ def plot_step_bound(plt: Any, run: Run, info: dict[str, float], path: Path) -> N
     _save(plt, fig, path)
 
 
+def plot_bf16(plt: Any, runs: dict[str, Run], memory: Sequence[Memory], path: Path) -> None:
+    """Pure bfloat16 with each rounding mode against float32, and the bytes each mode holds."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), gridspec_kw={"width_ratios": [3, 3, 4]})
+    n = len(runs["float32"].loss)
+    epochs = np.arange(1, n + 1)
+    styles = {
+        "float32": dict(color="black", lw=3, marker="o", ms=6),
+        "nearest": dict(color="tab:red", lw=2, marker="s", ms=5),
+        "stochastic": dict(color="tab:blue", lw=2, marker="^", ms=6),
+        "kahan": dict(color="tab:green", lw=2.5, marker="D", ms=5),
+        "kahan, release": dict(color="lime", lw=1, ls="--", marker="x", ms=7),
+    }
+    for key, run in runs.items():
+        axes[0].plot(epochs, run.loss, label=run.label, **styles[key])
+        axes[1].plot(epochs, [100 * a for a in run.acc], label=run.label, **styles[key])
+    _loss_axes(plt, axes[0], n)
+    axes[0].legend(fontsize=8)
+    _epoch_axes(axes[1], "test accuracy (%)", "Test accuracy", n)
+    axes[1].legend(loc="lower right", fontsize=8)
+
+    ax = axes[2]
+    labels = [
+        m.label.replace("bfloat16, ", "bf16\n") + ("\n+ release" if m.release else "")
+        for m in memory
+    ]
+    x = np.arange(len(memory))
+    bottom = np.zeros(len(memory))
+    parts = [
+        ("weights θ", [m.weights for m in memory], "tab:gray"),
+        ("gradients held at opt.step()", [m.grads for m in memory], "tab:orange"),
+        ("optimizer state (m, v, Kahan compensation)", [m.states for m in memory], "tab:purple"),
+    ]
+    for name, values, color in parts:
+        ax.bar(x, values, bottom=bottom, color=color, width=0.7, label=name)
+        bottom += np.asarray(values)
+    for xi, total in zip(x, bottom):
+        ax.text(xi, total + 0.2, f"{total:.3g}", ha="center", fontsize=9)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylabel("bytes per parameter (measured)")
+    ax.set_ylim(0, 1.25 * bottom.max())
+    ax.set_title("Memory per parameter, with and without gradient release")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(
+        f"MLP 64-{HIDDEN}-10 on digits in pure bfloat16 (weights, inputs, gradients, m and v): "
+        f"rustadam.Adam(lr={LR:g}, rounding=...) against float32\nround-to-nearest loses every "
+        "update below half an ulp of its weight; stochastic rounding and Kahan summation keep "
+        "them; same initial weights and batches"
+    )
+    _save(plt, fig, path)
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 
 
@@ -627,14 +840,15 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m rustadam.demo",
         description="Train an MLP on scikit-learn's digits with rustadam.Adam and "
-        "torch.optim.Adam side by side; draw the spec's options and its step bound.",
+        "torch.optim.Adam side by side; draw the spec's options, its step bound and "
+        "pure-bfloat16 training with each rounding mode.",
     )
     parser.add_argument(
         "--epochs",
         type=int,
         default=12,
-        help=f"epochs of the head-to-head (default 12); the option and step-bound runs use "
-        f"at most {BRIEF_EPOCHS}",
+        help=f"epochs of the head-to-head and the bfloat16 runs (default 12); the option and "
+        f"step-bound runs use at most {BRIEF_EPOCHS}",
     )
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for the PNGs")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, split and batches")
@@ -687,8 +901,10 @@ def main(argv: Optional[Sequence[str]] = None) -> DemoResult:
     save(plot_weight_decay, "weight_decay.png", decays)
     bound_run, info = step_bound(data, brief, args.seed, args.threads, tqdm)
     save(plot_step_bound, "step_bound.png", bound_run, info)
+    bf16, memory = pure_bf16(data, args.epochs, args.seed, args.threads, tqdm)
+    save(plot_bf16, "bf16_rounding.png", bf16, memory)
     print(f"\ndone in {time.perf_counter() - start:.1f} s")
-    return DemoResult(h2h, modes, gap, decays, bound_run, info, figures)
+    return DemoResult(h2h, modes, gap, decays, bound_run, info, figures, bf16, memory)
 
 
 if __name__ == "__main__":
