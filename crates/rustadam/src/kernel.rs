@@ -72,7 +72,7 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn load(self) -> Self::Compute;
     /// Rounds a computed value to the storage type (to nearest, ties to even).
     fn store(x: Self::Compute) -> Self;
-    /// Rounds stochastically with the random bits `r` (see [`Rounding`](crate::Rounding));
+    /// Rounds stochastically with the random bits `r` (see [`Rounding`]);
     /// types whose [`Element::store`] is exact ignore `r`.
     #[inline(always)]
     fn store_stochastic(x: Self::Compute, r: u32) -> Self {
