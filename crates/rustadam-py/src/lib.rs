@@ -6,6 +6,7 @@
 //! released. The numpy entry points live in `numpy_api`.
 
 mod config;
+mod dlpack;
 mod numpy_api;
 mod openmp;
 mod plan;

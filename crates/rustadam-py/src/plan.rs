@@ -164,8 +164,8 @@ fn read_item(
             bufs.push(None);
             continue;
         };
-        let what = format!("param_groups[{group}] {}s[{index}]", r.name());
-        match tensor::read(obj, th, &what)? {
+        let what = || format!("param_groups[{group}] {}s[{index}]", r.name());
+        match tensor::read(obj, th, what)? {
             Ok(m) => bufs.push(Some(m)),
             Err(why @ (Refusal::OutsideStorage { .. } | Refusal::NoData)) => {
                 return Ok(Err(Problem::Storage(*r, why)))

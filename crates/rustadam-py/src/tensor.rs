@@ -178,26 +178,43 @@ fn dims<T: for<'a, 'py> FromPyObject<'a, 'py>>(tuple: Bound<'_, PyAny>) -> PyRes
 pub(crate) fn read(
     t: &Bound<'_, PyAny>,
     th: &Torch,
-    what: &str,
+    what: impl FnOnce() -> String,
 ) -> PyResult<Result<Meta, Refusal>> {
     let py = t.py();
     if !is_exact_tensor(t, th) {
         return Err(PyTypeError::new_err(format!(
-            "{what} must be exactly a torch.Tensor or torch.nn.Parameter, not {}",
+            "{} must be exactly a torch.Tensor or torch.nn.Parameter, not {}",
+            what(),
             t.get_type().name()?
         )));
     }
-    let layout = t.getattr(intern!(py, "layout"))?;
-    if !layout.is(th.strided.bind(py)) {
-        return Ok(Err(Refusal::Layout(layout.to_string())));
-    }
-    if !t.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
-        let device = t.getattr(intern!(py, "device"))?;
-        return Ok(Err(Refusal::Device(device.to_string())));
-    }
-    let dt = t.getattr(intern!(py, "dtype"))?;
-    let Some(&(_, dtype, complex)) = th.dtypes.iter().find(|(d, _, _)| dt.is(d.bind(py))) else {
-        return Ok(Err(Refusal::DType(dt.to_string())));
+    // One C call where torch offers it; the Python attributes otherwise (and for the message
+    // of a tensor the core does not take).
+    let fast = crate::dlpack::layout(t).filter(|l| l.cpu && l.dtype.is_some());
+    let (ptr, dtype, complex, mut shape, mut strides) = match fast {
+        Some(l) => {
+            let (dtype, complex) = l.dtype.expect("filtered");
+            (l.ptr, dtype, complex, l.shape, l.strides)
+        }
+        None => {
+            let layout = t.getattr(intern!(py, "layout"))?;
+            if !layout.is(th.strided.bind(py)) {
+                return Ok(Err(Refusal::Layout(layout.to_string())));
+            }
+            if !t.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
+                let device = t.getattr(intern!(py, "device"))?;
+                return Ok(Err(Refusal::Device(device.to_string())));
+            }
+            let dt = t.getattr(intern!(py, "dtype"))?;
+            let Some(&(_, dtype, complex)) = th.dtypes.iter().find(|(d, _, _)| dt.is(d.bind(py)))
+            else {
+                return Ok(Err(Refusal::DType(dt.to_string())));
+            };
+            let shape: Dims<usize> = dims(t.getattr(intern!(py, "shape"))?)?;
+            let strides: Dims<isize> = dims(t.call_method0(intern!(py, "stride"))?)?;
+            let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
+            (ptr, dtype, complex, shape, strides)
+        }
     };
     if t.call_method0(intern!(py, "is_neg"))?.extract::<bool>()? {
         return Ok(Err(Refusal::NegView));
@@ -205,10 +222,7 @@ pub(crate) fn read(
     if complex && t.call_method0(intern!(py, "is_conj"))?.extract::<bool>()? {
         return Ok(Err(Refusal::ConjView));
     }
-    let mut shape: Dims<usize> = dims(t.getattr(intern!(py, "shape"))?)?;
-    let mut strides: Dims<isize> = dims(t.call_method0(intern!(py, "stride"))?)?;
     let mut offset: usize = t.call_method0(intern!(py, "storage_offset"))?.extract()?;
-    let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
     if complex {
         // A complex tensor is a real one with a trailing dimension (re, im) of stride 1.
         strides.iter_mut().for_each(|s| *s *= 2);
