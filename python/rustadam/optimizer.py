@@ -445,6 +445,8 @@ class Adam(Optimizer):
                 if base_state:
                     entry = (param, grad, state["exp_avg"], state["exp_avg_sq"])
                 functional.check_entry(param_label(gi, group, i, param), entry)
+                if "step" in state:  # refused here, before anything is stepped
+                    _next_step(state, gi, group, i, param)
                 todo.append((group, state, grad, param))
         self._unscale([grad for _, _, grad, _ in todo])
         for group, state, grad, param in todo:
@@ -515,8 +517,17 @@ class Adam(Optimizer):
                     w.max_exp_avg_sqs.append(bufs[4])
                 if kahan:
                     w.compensations.append(bufs[-1])
-                w.steps.append(_next_step(state, gi, group, i, param))
-                w.seeds.append(_param_seed(self.seed, gi, i))
+                t = state["step"]
+                # The common case inline; anything else is checked (and named) by _next_step.
+                if type(t) is not int or not 0 <= t < _MAX_STEP:
+                    t = _next_step(state, gi, group, i, param) - 1
+                w.steps.append(t + 1)
+            # Seeds matter only to stochastic rounding (each parameter's own stream).
+            w.seeds = (
+                [_param_seed(self.seed, gi, i) for i in positions]
+                if cfg.rounding == "stochastic"
+                else [0] * len(positions)
+            )
             w.label = _labeler(gi, group, positions)
             works.append(w)
             states_of.append(states)
@@ -609,6 +620,7 @@ class Adam(Optimizer):
 
 
 _MAX_THREADS = 1024
+_MAX_STEP = 2**63 - 1
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -667,7 +679,7 @@ def _next_step(state: dict[str, Any], gi: int, group: dict[str, Any], i: int, p:
     step = state["step"]
     if isinstance(step, torch.Tensor):
         step = int(step.item())
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63 - 1:
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < _MAX_STEP:
         raise RuntimeError(
             f"{param_label(gi, group, i, p)}: its state has step={step!r}; "
             "expected a count from 0 below 2**63 - 1"
