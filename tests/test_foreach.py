@@ -16,6 +16,7 @@ import torch
 from oracle import AdamOracle
 from rustadam import Adam, WeightDecay, _rounding
 from rustadam._foreach import foreach_adam
+from rustadam.optimizer import _param_seed
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
 DECAYS = {
@@ -48,8 +49,10 @@ def real(t):
 class State:
     """Parameters and states for foreach_adam, steps counted per tensor."""
 
-    def __init__(self, params, c):
+    def __init__(self, params, c, seed=0):
         self.p = params
+        # Adam's convention: parameter i of group 0 of an Adam(seed=seed) rounds with this seed.
+        self.seeds = [_param_seed(seed, 0, i) for i in range(len(params))]
         self.m = [torch.zeros_like(x) for x in params]
         self.v = [torch.zeros_like(x) for x in params]
         self.vmax = [torch.zeros_like(x) for x in params] if c.amsgrad else None
@@ -59,8 +62,8 @@ class State:
 
     def step(self, grads, **kw):
         self.t = [t + 1 for t in self.t]
-        foreach_adam(self.p, grads, self.m, self.v, self.vmax, self.comp, self.t,
-                     list(range(len(self.p))), self.c, **kw)  # fmt: skip
+        foreach_adam(self.p, grads, self.m, self.v, self.vmax, self.comp, self.t, self.seeds,
+                     self.c, **kw)  # fmt: skip
 
 
 # ---- against the float64 oracle -----------------------------------------------------------------
@@ -92,7 +95,7 @@ def test_matches_float64_oracle(decay, optimized, dtype):
 # ---- bit for bit with the Rust core -------------------------------------------------------------
 
 
-def _core_vs_foreach(dtype, c, steps=4):
+def _core_vs_foreach(dtype, c, steps=4, seed=0):
     gen = torch.Generator().manual_seed(1)
     p0 = [rand(s, dtype, gen) for s in SHAPES]
     grads = [[rand(s, dtype, gen) for s in SHAPES] for _ in range(steps)]
@@ -104,18 +107,11 @@ def _core_vs_foreach(dtype, c, steps=4):
         extra["amsgrad"] = True
     if c.rounding != "nearest":
         extra["rounding"] = c.rounding
-    try:
-        opt = Adam(pr, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
-                   weight_decay=WeightDecay(c.weight_decay, c.weight_decouple, c.absolute),
-                   optimized_update=c.optimized_update, backend="rust", **extra)  # fmt: skip
-    except (TypeError, ValueError) as e:
-        pytest.skip(f"this build of rustadam.Adam/_core lacks {sorted(extra)}: {e}")
-    except AttributeError:
-        # optimizer.py ahead of the compiled _core (a rebuild pending): call the core directly.
-        if extra:
-            pytest.skip("rustadam.Adam does not match the compiled _core; rebuild")
-        opt = _DirectCore(pr, c)
-    st = State([x.clone() for x in p0], c)
+    opt = Adam(pr, lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps,
+               weight_decay=WeightDecay(c.weight_decay, c.weight_decouple, c.absolute),
+               optimized_update=c.optimized_update, backend="rust", seed=seed,
+               **extra)  # fmt: skip
+    st = State([x.clone() for x in p0], c, seed=seed)
     for gs in grads:
         for x, g in zip(pr, gs):
             x.grad = g.clone()
@@ -128,46 +124,15 @@ def _core_vs_foreach(dtype, c, steps=4):
         assert torch.equal(real(s["exp_avg_sq"]), real(st.v[i])), ("exp_avg_sq", i)
         if c.amsgrad:
             assert torch.equal(real(s["max_exp_avg_sq"]), real(st.vmax[i]))
-
-
-class _DirectCore:
-    """``_core.adam_step`` with Adam's state layout, for a checkout whose Adam is mid-rebuild."""
-
-    def __init__(self, params, c):
-        self.params, self.c = params, c
-        self.state = {p: {"step": 0, "exp_avg": torch.zeros_like(p),
-                          "exp_avg_sq": torch.zeros_like(p)} for p in params}  # fmt: skip
-
-    def step(self):
-        from rustadam import _core
-
-        c, ps = self.c, self.params
-        for p in ps:
-            self.state[p]["step"] += 1
-        ran, rejected = _core.adam_step(
-            ps, [p.grad for p in ps], [self.state[p]["exp_avg"] for p in ps],
-            [self.state[p]["exp_avg_sq"] for p in ps], [self.state[p]["step"] for p in ps],
-            lr=c.lr, beta1=c.beta1, beta2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
-            weight_decouple=c.weight_decouple, absolute=c.absolute,
-            optimized_update=c.optimized_update, num_threads=1, strict=True,
-        )  # fmt: skip
-        assert ran and not rejected, rejected
-
-
-_OLD_CORE_16BIT_DECAY = pytest.mark.xfail(
-    reason="the current core computes a 16-bit decay in float32 without NUMERICS.md's rounding "
-    "to the storage dtype (measured); passes once the core follows NUMERICS.md",
-    strict=False,
-)
+        if "compensation" in s:
+            assert torch.equal(s["compensation"], st.comp[i]), ("compensation", i)
 
 
 @pytest.mark.parametrize("decay", list(DECAYS))
 @pytest.mark.parametrize("optimized", [True, False])
 @pytest.mark.parametrize("eps", [1e-8, 0.0])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bit_for_bit_with_rust_core(dtype, decay, optimized, eps, request):
-    if dtype in (torch.bfloat16, torch.float16) and decay != "none":
-        request.applymarker(_OLD_CORE_16BIT_DECAY)
+def test_bit_for_bit_with_rust_core(dtype, decay, optimized, eps):
     _core_vs_foreach(dtype, cfg(optimized_update=optimized, eps=eps, **DECAYS[decay]))
 
 
@@ -182,17 +147,15 @@ def test_bit_for_bit_with_rust_core(dtype, decay, optimized, eps, request):
     ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bit_for_bit_with_rust_core_extended_modes(dtype, extra, request):
-    """Skips where the core (and Adam) do not take these options yet."""
-    if extra.get("rounding") == "stochastic" and dtype in (torch.bfloat16, torch.float16):
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="Adam chooses each parameter's seed itself; this test passes seeds "
-                "0..n-1 to foreach_adam (align once Adam's seed convention is fixed)",
-                strict=False,
-            )
-        )
+def test_bit_for_bit_with_rust_core_extended_modes(dtype, extra):
+    """maximize, AMSGrad (both forms), stochastic (Adam's per-parameter seeds) and Kahan."""
     _core_vs_foreach(dtype, cfg(**extra))
+
+
+@pytest.mark.parametrize("seed", [1, 2**40 + 7, 2**64 - 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_uses_adams_seed_convention(dtype, seed):
+    _core_vs_foreach(dtype, cfg(rounding="stochastic", weight_decay=0.1), seed=seed)
 
 
 # ---- properties ---------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Without a GPU the kernel runs in triton's interpreter on CPU tensors. ``TRITON_INTERPRET`` is
 read when triton is first imported, and other test modules may import it earlier in the same
 pytest process, so the cases run in a fresh Python subprocess (this file run as a script) with
-the variable set. Sizes are small: the interpreter is slow.
+the variable set. Sizes are small: the interpreter is slow. Part ``adam`` runs
+``rustadam.Adam(backend="triton")`` against ``backend="rust"`` (the optimizer's per-parameter
+seeds, uneven step counts, maximize, AMSGrad, every decay, Kahan) bit for bit.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def test_import_is_cheap_and_does_not_import_triton():
 
 
 @needs_triton
-@pytest.mark.parametrize("part", ["dtypes", "modes", "layouts"])
+@pytest.mark.parametrize("part", ["dtypes", "modes", "layouts", "adam"])
 def test_kernel_equals_foreach_bit_for_bit_under_interpreter(part):
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run(
@@ -104,6 +106,51 @@ def _compare(dtype, c, shapes, steps, scale=1.0, layout=None, gs=None, fi=None):
     return bad
 
 
+def _adam_vs_core(dtype, opts, steps=3, seed=0):
+    """``Adam(backend="triton")`` against ``Adam(backend="rust")``: the optimizer's own
+    per-parameter seeds, step counts and state, two groups, bit for bit."""
+    import torch
+
+    from rustadam import Adam, WeightDecay
+
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(9, 7), (5,), (), (1500,)]
+
+    def rnd(s):
+        if dtype.is_complex:
+            return torch.randn(s, generator=gen, dtype=dtype)
+        return torch.randn(s, generator=gen, dtype=torch.float64).to(dtype)
+
+    def real(t):
+        return torch.view_as_real(t) if t.is_complex() else t
+
+    p0 = [rnd(s) for s in shapes]
+    grads = [[rnd(s) for s in shapes] for _ in range(steps)]
+    opts = dict(opts)
+    wd = opts.pop("wd", WeightDecay())
+    runs = {}
+    for backend in ("rust", "triton"):
+        ps = [x.clone() for x in p0]
+        groups = [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.05}]
+        opt = Adam(groups, lr=0.5, eps=1e-8, weight_decay=wd, seed=seed, backend=backend, **opts)
+        for k, gs in enumerate(grads):
+            for j, (x, g) in enumerate(zip(ps, gs)):
+                x.grad = None if (k == 1 and j == 1) else g.clone()  # uneven step counts
+            opt.step()
+        runs[backend] = (ps, opt)
+    bad = []
+    (pa, oa), (pb, ob) = runs["rust"], runs["triton"]
+    for i, (x, y) in enumerate(zip(pa, pb)):
+        pairs = [("param", x, y)]
+        sa, sb = oa.state[x], ob.state[y]
+        assert sa["step"] == sb["step"]
+        pairs += [(k, sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor)]
+        for name, u, w in pairs:
+            if not torch.equal(real(u), real(w)):
+                bad.append(f"{name}[{i}]")
+    return bad
+
+
 def _main(part):
     import torch
 
@@ -133,6 +180,8 @@ def _main(part):
             dict(maximize=True), dict(amsgrad=True), dict(amsgrad=True, optimized_update=False),
             dict(rounding="stochastic"), dict(rounding="kahan"),
             dict(rounding="stochastic", weight_decay=0.1),
+            dict(rounding="kahan", amsgrad=True, maximize=True),
+            dict(rounding="kahan", amsgrad=True, weight_decay=0.1, weight_decouple=False),
         ]  # fmt: skip
         for dt in dtypes:
             for mo in modes:
@@ -144,6 +193,22 @@ def _main(part):
                 fi=torch.tensor([0.0]))  # fmt: skip
             run(f"{dt} found_inf", dt, _cfg(amsgrad=True), shapes, steps,
                 gs=torch.tensor([4.0]), fi=torch.tensor([1.0]))  # fmt: skip
+    elif part == "adam":
+        from rustadam import WeightDecay
+
+        for dt in dtypes:
+            for opts in (
+                dict(rounding="stochastic", wd=WeightDecay(0.1)),
+                dict(maximize=True, amsgrad=True, wd=WeightDecay(0.1, weight_decouple=False)),
+                dict(amsgrad=True, optimized_update=False, wd=WeightDecay(0.1, absolute=True)),
+                dict(rounding="kahan", maximize=True),
+            ):
+                bad = _adam_vs_core(dt, opts)
+                if bad:
+                    failures.append(f"adam {dt} {opts}: {bad}")
+        bad = _adam_vs_core(torch.bfloat16, dict(rounding="stochastic"), seed=2**64 - 3)
+        if bad:
+            failures.append(f"adam seed 2**64-3: {bad}")
     else:
         for dt in (torch.float32, torch.bfloat16):
             for lay in ("transposed_grad", "strided_param"):

@@ -8,7 +8,12 @@ Design:
   ``key(seed, t)``; a **scalar table** in the compute type C (float32, or float64 for float64):
   the global hyper-parameters rounded once to C, then per tensor ``step_size`` and ``√bc2``
   (computed in float64 on the host, once per distinct step count); and a prefix sum of each
-  tensor's block count.
+  tensor's block count. The three are packed into one int64 host tensor and reach the device
+  in one copy (:func:`build_tables`).
+- Host work per call does not grow with per-tensor Python arithmetic: per tensor only its
+  pointers, element count and layout are read (contiguous lists without a Python loop); step
+  sizes come from the distinct step counts, keys from vectorised int64 hashing, and every
+  scalar is rounded to C in one conversion.
 - A 1-D grid over the blocks of all tensors; a program finds its tensor by binary search in the
   prefix sum, casts the table's int64 addresses to typed pointers and makes one pass over its
   ``BLOCK`` elements: reads θ, g, m, v once and writes θ, m, v once.
@@ -37,22 +42,30 @@ import importlib.util
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from rustadam import _rounding
-from rustadam._foreach import decay_factor, hyper, round_to
+from rustadam._foreach import decay_factor, hyper
 
 _HALF = (torch.float16, torch.bfloat16)
+# The real dtype a complex tensor is stepped as (its view_as_real pairs).
+_REAL_OF = {
+    torch.complex32: torch.float16,
+    torch.complex64: torch.float32,
+    torch.complex128: torch.float64,
+}
 _E_KIND = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 # Table columns (int64): θ, g, m, v, v_max, compensation pointers, numel, key.
 _COLS = 8
 # Scalar table: global scalars first, then (step_size, √bc2) per tensor.
 _GLOBALS = ("factor", "wd", "b1", "omb1", "b2", "omb2", "eps", "unused")
 BLOCK = 1024
+_MASK32 = 0xFFFFFFFF
 
-__all__ = ["BLOCK", "available", "interpreted", "triton_adam"]
+__all__ = ["BLOCK", "Tables", "available", "build_tables", "interpreted", "triton_adam"]
 
 
 def available() -> bool:
@@ -126,13 +139,15 @@ def triton_adam(
         raise ValueError(f"triton_adam: unknown rounding {cfg.rounding!r}")
     if cfg.amsgrad and (max_exp_avg_sqs is None or len(max_exp_avg_sqs) != n):
         raise ValueError("triton_adam: amsgrad needs one max_exp_avg_sq per parameter")
+    if n and min(steps) < 1:
+        i = next(i for i, t in enumerate(steps) if t < 1)
+        raise ValueError(f"triton_adam: steps[{i}] = {steps[i]}; expected >= 1")
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
-        if steps[i] < 1:
-            raise ValueError(f"triton_adam: steps[{i}] = {steps[i]}; expected >= 1")
         if p.numel() == 0:
             continue
-        groups.setdefault((p.device, _real(p).dtype), []).append(i)
+        dt = p.dtype
+        groups.setdefault((p.device, _REAL_OF.get(dt, dt)), []).append(i)
     for (device, dtype), idx in groups.items():
         _launch(device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                 compensations, steps, seeds, cfg, grad_scale, found_inf)  # fmt: skip
@@ -159,86 +174,193 @@ def _launch(
     cd = _rounding.compute_dtype(dtype)
     half = dtype in _HALF
     rounding = cfg.rounding if half else "nearest"
-    round_code = {"nearest": 0, "stochastic": 1, "kahan": 2}[rounding]
-    rows: list[list[int]] = []
-    keep: list[torch.Tensor] = []  # work copies, alive until the kernel has run
-    write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
-    counts: list[int] = []
-    scal: list[float] = []
-    for i in idx:
-        p = _real(params[i])
-        bufs = [_real(grads[i]), _real(exp_avgs[i]), _real(exp_avg_sqs[i])]
-        vmax = _real(max_exp_avg_sqs[i]) if cfg.amsgrad and max_exp_avg_sqs is not None else None
-        comp = None
-        if rounding == "kahan":
-            c = compensations[i] if compensations is not None else None
-            if c is None:
-                raise ValueError(f"triton_adam: kahan rounding needs compensations[{i}]")
-            comp = _real(c)
-        extra = [x for x in (vmax, comp) if x is not None]
-        target = p if _rounding.is_dense(p) else p.contiguous()
-        work = [_dense_like(target, x) for x in [p, *bufs, *extra]]
-        for orig, w in zip([p, *bufs, *extra], work):
-            if w is not orig:
-                keep.append(w)
-                if orig is not bufs[0]:  # gradients are read only
-                    write_back.append((orig, w))
-        wp, wg, wm, wv, *wextra = work
-        wvmax = wextra.pop(0) if vmax is not None else None
-        wcomp = wextra.pop(0) if comp is not None else None
-        # Offsets index memory from the first element; a dense tensor's lowest address.
-        k = _rounding.key(seeds[i], steps[i]) if rounding == "stochastic" else 0
-        rows.append([
-            wp.data_ptr(), wg.data_ptr(), wm.data_ptr(), wv.data_ptr(),
-            wvmax.data_ptr() if wvmax is not None else 0,
-            wcomp.data_ptr() if wcomp is not None else 0,
-            p.numel(), k,
-        ])  # fmt: skip
-        counts.append(math.ceil(p.numel() / BLOCK))
-        h = hyper(cfg, steps[i])
-        scal += [round_to(h["step_size"], cd), round_to(h["sqrt_bc2"], cd)]
+    tables = build_tables(device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs,
+                          max_exp_avg_sqs, compensations, steps, seeds, cfg)  # fmt: skip
     factor = decay_factor(cfg)
     l2 = not cfg.weight_decouple and cfg.weight_decay != 0
-    glob = [
-        factor if factor is not None else 1.0, cfg.weight_decay, cfg.beta1, 1.0 - cfg.beta1,
-        cfg.beta2, 1.0 - cfg.beta2, cfg.eps, 0.0,
-    ]  # fmt: skip
-    scalars = torch.tensor([round_to(x, cd) for x in glob] + scal, dtype=cd)
-    table = torch.tensor(rows, dtype=torch.int64)
-    starts_l = [0]
-    for c in counts:
-        starts_l.append(starts_l[-1] + c)
-    starts = torch.tensor(starts_l, dtype=torch.int32)
-    nb = starts_l[-1]
-    table, scalars, starts = (x.to(device, non_blocking=True) for x in (table, scalars, starts))
     gs = (
         grad_scale.to(device=device, dtype=cd).reshape(1)
         if grad_scale is not None
-        else scalars  # unused dummy
+        else tables.scalars  # unused dummy
     )
     fi = (
         found_inf.to(device=device, dtype=torch.float32).reshape(1)
         if found_inf is not None
-        else scalars
+        else tables.scalars
     )
     kernel = _kernel()
-    kernel[(nb,)](
-        table, scalars, starts, len(idx), gs, fi,
+    kernel[(tables.blocks,)](
+        tables.table, tables.scalars, tables.starts, len(idx), gs, fi,
         E_KIND=_E_KIND[dtype],
         DECAY=1 if factor is not None else 2 if l2 else 0,
         OPTIMIZED=bool(cfg.optimized_update),
         MAXIMIZE=bool(cfg.maximize),
         AMSGRAD=bool(cfg.amsgrad),
-        ROUND=round_code,
+        ROUND={"nearest": 0, "stochastic": 1, "kahan": 2}[rounding],
         HAS_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
         SEARCH_STEPS=max(1, math.ceil(math.log2(len(idx) + 1))),
         BLOCK=BLOCK,
         enable_fp_fusion=False,
     )  # fmt: skip
-    for orig, w in write_back:
+    for orig, w in tables.write_back:
         orig.copy_(w)
-    del keep
+    del tables
+
+
+class Tables(NamedTuple):
+    """One launch's device-side tables, all views of one tensor (one host-to-device copy)."""
+
+    #: int64 [n, 8]: θ, g, m, v, v_max, compensation pointers, numel, key(seed, t).
+    table: torch.Tensor
+    #: C [8 + 2n]: the global scalars (``_GLOBALS``), then (step_size, √bc2) per tensor.
+    scalars: torch.Tensor
+    #: int64 [n + 1]: prefix sum of the tensors' block counts.
+    starts: torch.Tensor
+    #: The grid size (total block count).
+    blocks: int
+    #: Work copies the table points into, alive until the kernel has run.
+    keep: list[torch.Tensor]
+    #: (original, work copy) pairs to copy back after the kernel.
+    write_back: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_tables(
+    device: torch.device,
+    dtype: torch.dtype,
+    idx: list[int],
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Optional[Sequence[torch.Tensor]],
+    compensations: Optional[Sequence[Optional[torch.Tensor]]],
+    steps: Sequence[int],
+    seeds: Sequence[int],
+    cfg: Any,
+) -> Tables:
+    """The host part of a launch: pointer, scalar and block tables for tensors ``idx``.
+
+    Per tensor only what needs the tensor itself runs in Python: its pointers, element count
+    and a layout check (contiguous buffers take a fast path; others go through dense work
+    copies). Everything that depends only on the step counts and seeds is vectorised: the
+    float64 hyper-parameters of :func:`rustadam._foreach.hyper` once per *distinct* step count,
+    rounded to C in one conversion, and the stochastic-rounding keys with
+    :func:`rustadam._rounding.mix` on int64 tensors. The three tables are packed into one int64
+    host tensor and copied to ``device`` once.
+    """
+    cd = _rounding.compute_dtype(dtype)
+    half = dtype in _HALF
+    rounding = cfg.rounding if half else "nearest"
+    amsgrad = bool(cfg.amsgrad)
+    kahan = rounding == "kahan"
+    if amsgrad and max_exp_avg_sqs is None:
+        raise ValueError("triton_adam: amsgrad needs one max_exp_avg_sq per parameter")
+    n = len(idx)
+    lists = [
+        [params[i] for i in idx], [grads[i] for i in idx],
+        [exp_avgs[i] for i in idx], [exp_avg_sqs[i] for i in idx],
+    ]  # fmt: skip
+    if amsgrad:
+        lists.append([max_exp_avg_sqs[i] for i in idx])  # type: ignore[index]
+    if kahan:
+        comps = [compensations[i] if compensations is not None else None for i in idx]
+        for i, c in zip(idx, comps):
+            if c is None:
+                raise ValueError(f"triton_adam: kahan rounding needs compensations[{i}]")
+        lists.append(comps)
+    tensor = torch.Tensor
+    cplx = list(map(tensor.is_complex, lists[0]))
+    numel = list(map(tensor.numel, lists[0]))
+    keep: list[torch.Tensor] = []
+    write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if all(all(map(tensor.is_contiguous, lst)) for lst in lists) and not (
+        any(cplx) and any(any(map(tensor.is_conj, lst)) for lst in lists)
+    ):
+        # The common case, without a Python loop over tensors: one row-major layout for all,
+        # so memory offsets are the flat indices (a complex tensor's real view has the same
+        # address and twice the elements).
+        cols = [list(map(tensor.data_ptr, lst)) for lst in lists]
+        if any(cplx):
+            numel = [k * 2 if c else k for k, c in zip(numel, cplx)]
+    else:
+        rows = [_row(*bufs, keep=keep, write_back=write_back) for bufs in zip(*lists)]
+        cols = [list(col) for col in zip(*rows)] if rows else [[] for _ in lists]
+        numel = cols.pop()
+    zeros = [0] * n
+    while len(cols) < 6:
+        cols.append(zeros)
+    if not amsgrad and kahan:
+        cols[4], cols[5] = zeros, cols[4]
+    table = torch.from_numpy(np.array([*cols, numel, zeros], dtype=np.int64).T.copy())
+    numel = table[:, 6]
+    starts = torch.zeros(n + 1, dtype=torch.int64)
+    torch.cumsum((numel + (BLOCK - 1)) // BLOCK, 0, out=starts[1:])
+    blocks = int(starts[-1])
+    # Per-step scalars once per distinct step count (Python float64, as the other paths), one
+    # vectorised rounding to C for all of them.
+    step_t = torch.from_numpy(np.fromiter((steps[i] for i in idx), np.int64, n))
+    distinct, inverse = torch.unique(step_t, return_inverse=True)
+    per_step = [hyper(cfg, t) for t in distinct.tolist()]
+    per_step_t = torch.tensor(
+        [[h["step_size"], h["sqrt_bc2"]] for h in per_step], dtype=torch.float64
+    )
+    factor = decay_factor(cfg)
+    glob = torch.tensor(
+        [factor if factor is not None else 1.0, cfg.weight_decay, cfg.beta1, 1.0 - cfg.beta1,
+         cfg.beta2, 1.0 - cfg.beta2, cfg.eps, 0.0],
+        dtype=torch.float64,
+    )  # fmt: skip
+    # 8 + 2n values: an even count, so float32 scalars fill whole int64 words of the packing.
+    scal64 = torch.cat([glob, per_step_t[inverse].reshape(-1)])
+    scalars = scal64.to(cd)  # each value rounded to nearest once, as _foreach.round_to does
+    if rounding == "stochastic":
+        seed_lo = torch.tensor([seeds[i] & _MASK32 for i in idx], dtype=torch.int64)
+        seed_hi = torch.tensor([(seeds[i] >> 32) & _MASK32 for i in idx], dtype=torch.int64)
+        mix = _rounding.mix
+        table[:, 7] = mix(mix(mix(seed_lo) ^ seed_hi) ^ (step_t & _MASK32))
+    packed = torch.cat([table.view(-1), starts, scalars.view(torch.int64)])
+    packed = packed.to(device, non_blocking=True)
+    a, b = _COLS * n, _COLS * n + n + 1
+    return Tables(
+        table=packed[:a].view(n, _COLS),
+        scalars=packed[b:].view(cd),
+        starts=packed[a:b],
+        blocks=blocks,
+        keep=keep,
+        write_back=write_back,
+    )
+
+
+def _row(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    *extra: torch.Tensor,
+    keep: list[torch.Tensor],
+    write_back: list[tuple[torch.Tensor, torch.Tensor]],
+) -> list[int]:
+    """One tensor's pointers (θ, g, m, v[, v_max][, compensation]) and element count.
+
+    Contiguous buffers are used as they are. Otherwise the parameter's own layout is kept when
+    it is dense (offsets are memory offsets, as :func:`rustadam._rounding.element_index`
+    gives), else row-major; every buffer not laid out like it is stepped on a copy in that
+    layout, written back after the kernel.
+    """
+    bufs = [p, g, m, v, *extra]
+    if all(x.is_contiguous() and not x.is_conj() for x in bufs):
+        return [*(x.data_ptr() for x in bufs), p.numel() * (2 if p.is_complex() else 1)]
+    real = [_real(x) for x in bufs]
+    rp = real[0]
+    target = rp if _rounding.is_dense(rp) else rp.contiguous()
+    work = [_dense_like(target, x) for x in real]
+    for k, (orig, w) in enumerate(zip(real, work)):
+        if w is not orig:
+            keep.append(w)
+            if k != 1:  # gradients are read only
+                write_back.append((orig, w))
+    return [*(w.data_ptr() for w in work), rp.numel()]
 
 
 # ---- the kernel (only in the copy _kernel() loads) ----------------------------------------------
@@ -308,7 +430,7 @@ if __name__ == _JIT_MODULE:
     def _adam_kernel(
         table,  # int64 [n, 8]
         scalars,  # C [8 + 2n]
-        starts,  # int32 [n + 1], prefix sum of block counts
+        starts,  # int64 [n + 1], prefix sum of block counts
         n_tensors,
         grad_scale,  # C [1] (dummy when not HAS_SCALE)
         found_inf,  # float32 [1] (dummy when not HAS_FOUND_INF)
