@@ -42,6 +42,11 @@ matplotlib is needed here only; the library does not import it.
 (d); ``rustadam.Adam`` with the Triton and foreach backends against torch fused, foreach and
 for-loop and a Triton roofline kernel, timed with CUDA events; writes ``bench-cuda.md`` and
 ``bench-cuda.json`` under ``--out``. Without CUDA it says so and exits with code 2.
+
+``--gradient-release`` runs :mod:`rustadam._bench_release` instead of the cases: the peak memory
+and step time of ``Adam(..., gradient_release=True)`` against the usual loop on a CPU MLP with
+288 MiB of gradients; writes ``bench-release.md`` and ``bench-release.json`` under ``--out``
+(``python -m rustadam.bench --gradient-release --help`` lists its options).
 """
 
 from __future__ import annotations
@@ -760,6 +765,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="small sizes and 3 steps (smoke test)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads first")
     ap.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder")
+    ap.add_argument(
+        "--gradient-release",
+        action="store_true",
+        help="measure Adam(gradient_release=True) against the usual loop instead (its own "
+        "options: --gradient-release --help)",
+    )
     args = ap.parse_args(argv)
     allowed = CASE_KEYS
     if args.device == "cuda":
@@ -789,6 +800,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the chosen cases, prints the tables and writes the markdown, PNG and JSON files."""
+    rest = list(sys.argv[1:] if argv is None else argv)
+    if "--gradient-release" in rest:
+        from rustadam import _bench_release
+
+        return _bench_release.main([a for a in rest if a != "--gradient-release"])
     args = parse_args(argv)
     command = "python -m rustadam.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.threads is not None:
