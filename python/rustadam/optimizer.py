@@ -50,34 +50,66 @@ class Adam(Optimizer):
 
     Args:
         params: tensors or parameter-group dicts, as for every torch optimizer.
-        lr: α (≥ 0).
+        lr: α (≥ 0); a float or a 1-element tensor.
         betas: (β1, β2), each in [0, 1).
         eps: ε̂ (``optimized_update=True``) or ε (≥ 0).
-        weight_decay: a :class:`WeightDecay` (or any object with its interface).
-        optimized_update: which form of the bias correction to use (above).
+        weight_decay: a :class:`WeightDecay` (or any object with its interface), or a number λ,
+            which means ``WeightDecay(λ)``: decoupled decay as in AdamW. For L2 decay (as in
+            ``torch.optim.Adam``) pass ``WeightDecay(λ, weight_decouple=False)``. A group may set
+            its own ``weight_decay``: a number (λ for the optimizer's kind of decay) or a
+            ``WeightDecay`` (its kind and λ).
+        optimized_update: which form of the bias correction to use (above); a group may set it.
         defaults: default group values for subclasses; extended with
-            ``weight_decay.defaults()`` and ``lr``, ``betas``, ``eps``.
+            ``weight_decay.defaults()`` and ``lr``, ``betas``, ``eps``, ``maximize``, ``amsgrad``.
+        maximize: ascend: the gradient's sign is flipped before the decay and the moments, as in
+            ``torch.optim.Adam``; also a group key.
+        amsgrad: keep the running maximum of v (state ``max_exp_avg_sq``) and divide by its
+            square root instead, as in ``torch.optim.Adam``; also a group key.
+        rounding: how a bfloat16 or float16 parameter's float32 result is stored: ``"nearest"``
+            (the spec), ``"stochastic"`` (up or down with probability proportional to the
+            distance, from a counter-based generator keyed by (``seed``, step, element), so the
+            result depends on nothing else) or ``"kahan"`` (state ``compensation`` in the
+            parameter's dtype carries each step's rounding error into the next). Updates smaller
+            than half an ulp are lost to ``"nearest"`` and kept, on average, by the others.
+            Other dtypes are not affected. Also a group key.
+        seed: the stochastic rounding's seed (an int in [0, 2**64)).
+        gradient_release: step each parameter inside ``backward()`` as soon as its gradient is
+            accumulated, then free that gradient (the peak memory falls by about the gradients'
+            size). ``step(closure)`` then only runs the closure; ``zero_grad()`` is harmless;
+            schedulers, state dicts and ``add_param_group`` keep working. It does not combine
+            with accumulating gradients over several backward passes, clipping by the global norm
+            (each parameter steps before the others' gradients exist), DDP's gradient reducer
+            or ``torch.amp.GradScaler`` (refused at ``step``).
         backend: ``"auto"`` (default) sends every CPU tensor the Rust core takes (float32,
-            float64, bfloat16, float16, complex64, complex128; any dense layout, other layouts as
-            dense copies written back) to it in one call per group and steps the rest (other
-            devices, DTensors placed unlike their parameter) with torch ops; ``"rust"`` raises for
-            a tensor the core cannot take; ``"torch"`` uses torch ops only.
-        num_threads: threads of the Rust core; default ``RUSTADAM_NUM_THREADS`` if set, else
-            ``torch.get_num_threads()`` at each step. They are torch's OpenMP threads
+            float64, bfloat16, float16, complex64, complex128; any layout, non-dense ones as dense
+            copies written back) to it in one call for all groups, CUDA tensors to one Triton
+            launch per device and dtype when triton imports, and everything else to
+            ``torch._foreach_*`` ops. ``"rust"`` raises for a tensor the core cannot take;
+            ``"triton"`` and ``"foreach"`` force those paths; ``"torch"`` steps one parameter at a
+            time with torch ops (the spec's per-parameter methods). Every path gives the same
+            numbers (see the README's numerics section).
+        num_threads: threads of the Rust core (1 to 1024); default ``RUSTADAM_NUM_THREADS`` if
+            set, else ``torch.get_num_threads()`` at each step. They are torch's OpenMP threads
             (``RUSTADAM_THREAD_POOL=rayon``: the core's own pool). Results do not depend on it.
+
+    A step is all or nothing: every parameter, gradient, state and group value of every group is
+    checked first, and an error names the group and parameter (``param_names`` when the group
+    has them) and changes nothing. Any other group key that would change the math (``nesterov``,
+    ``differentiable``, …) is refused. Two threads stepping one optimizer get a ``RuntimeError``.
+
+    ``torch.amp.GradScaler``: the optimizer takes the fused route (``_step_supports_amp_scaling``):
+    the gradients are unscaled inside the step, and a step with inf/NaN gradients changes nothing,
+    step counts included.
 
     Subclasses may override :meth:`init_state`, :meth:`get_mv`, :meth:`get_lr`,
     :meth:`adam_update` and :meth:`step_param`; ``step()`` then calls them per parameter, so the
     override's behaviour is exactly what runs.
 
     ``torch.compile``: a compiled model trains with this optimizer like with any other. TorchDynamo
-    cannot trace into the Rust extension, so in ``torch.compile(opt.step)`` the call to the Rust
-    core (with the bookkeeping around it) runs eagerly behind a graph break
-    (``torch.compiler.disable``) and gives exactly the results of the uncompiled step;
-    ``fullgraph=True`` is therefore refused. Parameters that take the torch path
-    (``backend="torch"``, CUDA tensors, overridden methods) are traced as torch ops and agree with
-    the eager step to rounding; ``step`` counts are Python ints, so Dynamo recompiles once when
-    they first change.
+    cannot trace into the Rust extension, so in ``torch.compile(opt.step)`` the whole step runs
+    eagerly behind one graph break (at ``_rustadam_step_runs_eagerly``, which names the reason)
+    and gives exactly the results of the uncompiled step; ``fullgraph=True`` is therefore
+    refused. Importing rustadam does not import ``torch._dynamo``.
 
     ``torch.distributed``: DDP (also with ``gradient_as_bucket_view=True``) and
     ``ZeroRedundancyOptimizer(params, optimizer_class=Adam, ...)`` need nothing special. Under
