@@ -110,6 +110,36 @@ def test_step_pre_hook_may_replace_the_arguments(backend: str) -> None:
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), start))
 
 
+def test_step_hooks_run_once_when_a_subclass_overrides_step() -> None:
+    class Logged(Adam):
+        def step(self, closure: Any = None) -> Any:
+            self.calls.append("step")
+            return super().step(closure)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 2))
+    opt = Logged(model.parameters(), lr=1e-2)
+    opt.calls = []
+    opt.register_step_pre_hook(lambda o, a, k: opt.calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: opt.calls.append("post"))
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: opt.calls.append("global pre"))
+    try:
+        train(model, opt, 2)
+    finally:
+        handle.remove()
+    assert opt.calls == ["global pre", "pre", "step", "post"] * 2
+
+
+def test_the_profiler_records_the_step_under_torchs_name() -> None:
+    model, opt = make("rust")
+    opt.zero_grad()
+    loss(model).backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    names = [e.name for e in prof.events()]
+    assert names.count("Optimizer.step#Adam.step") == 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_dict_hooks(backend: str) -> None:
     model, opt = make(backend)

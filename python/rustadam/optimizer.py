@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -9,7 +10,11 @@ from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
 import torch
-from torch.optim.optimizer import Optimizer
+from torch.optim.optimizer import (
+    Optimizer,
+    _global_optimizer_post_hooks,
+    _global_optimizer_pre_hooks,
+)
 
 from rustadam import _core, _rounding, functional
 from rustadam._state_dict import check_state_dict
@@ -27,6 +32,50 @@ _REFUSED_KEYS = ("differentiable", "nesterov", "amsbound", "decoupled", "rectify
 _HOOKS = ("init_state", "get_mv", "get_lr", "adam_update", "step_param")
 
 Params = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
+
+
+def _step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
+    """torch's ``Optimizer.step`` wrapper (step pre/post hooks, global and per optimizer, and
+    the profiler's record), with the record made only while a profiler runs: it costs a few µs
+    on every step otherwise. Marked ``hooked`` so that torch does not wrap it again; a subclass
+    that overrides ``step`` gets torch's wrapper, and its hooks are not run twice."""
+
+    @functools.wraps(step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        self = args[0]
+        if type(self).step is not wrapper:
+            return step(*args, **kwargs)  # the subclass's own (torch-made) wrapper runs them
+        if torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled():
+            name = f"Optimizer.step#{type(self).__name__}.step"
+            with torch.autograd.profiler.record_function(name):
+                return _run_step_hooks(step, self, args, kwargs)
+        return _run_step_hooks(step, self, args, kwargs)
+
+    wrapper.hooked = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _run_step_hooks(step: Callable[..., Any], self: Any, args: Any, kwargs: Any) -> Any:
+    """What torch's wrapper does around ``step``, in its order."""
+    pre = self._optimizer_step_pre_hooks
+    if _global_optimizer_pre_hooks or pre:
+        for hook in (*_global_optimizer_pre_hooks.values(), *pre.values()):
+            result = hook(self, args, kwargs)
+            if result is not None:
+                if isinstance(result, tuple) and len(result) == 2:
+                    args, kwargs = result
+                else:
+                    raise RuntimeError(
+                        f"{step} must return None or a tuple of (new_args, new_kwargs), but got "
+                        f"{result}."
+                    )
+    out = step(*args, **kwargs)
+    self._optimizer_step_code()
+    post = self._optimizer_step_post_hooks
+    if post or _global_optimizer_post_hooks:
+        for hook in (*post.values(), *_global_optimizer_post_hooks.values()):
+            hook(self, args, kwargs)
+    return out
 
 
 class Adam(Optimizer):
@@ -290,6 +339,7 @@ class Adam(Optimizer):
 
     # ---- step ----------------------------------------------------------------------------------
 
+    @_step_hooks
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Performs one update of every parameter that has a gradient.
