@@ -275,10 +275,11 @@ def run_groups(
                 if grads:
                     torch._foreach_div_(grads, grad_scale.to(grads[0].device))
         plan.execute(num_threads=threads(num_threads))
-        for gi, pos in enumerate(core_pos):
-            w = works[gi]
-            for k in pos:
-                written.extend(t for t in w.entry(k) if t is not None)
+        # What the core writes: parameters and states (gradients are only read).
+        for lists in core_in:
+            for ts in (lists[1], lists[3], lists[4], lists[5], lists[6]):
+                if ts:
+                    written.extend(t for t in ts if t is not None)
     for path in ("triton", "foreach"):
         for gi, w in enumerate(works):
             ks = [k for g2, k, pth in other if g2 == gi and pth == path]
@@ -305,7 +306,10 @@ def run_groups(
 
 def _lists(w: GroupWork, ks: list[int]) -> tuple[Any, ...]:
     """The core's and the paths' argument tuple for positions ``ks`` of a group."""
-    pick = lambda xs: [xs[k] for k in ks]  # noqa: E731
+    if ks == list(range(len(w.params))):  # every position in order: the lists themselves
+        pick = lambda xs: xs  # noqa: E731
+    else:
+        pick = lambda xs: [xs[k] for k in ks]  # noqa: E731
     return (
         w.config,
         pick(w.params),

@@ -558,60 +558,83 @@ class Adam(Optimizer):
         dtensor_steps = []  # (group, state, grad, param) stepped with torch ops on DTensors
         states_of: list[list[dict[str, Any]]] = []
         dtensor = _dtensor_type()
+        state_of = self.state
         for gi, group in groups:
             cfg = configs[gi]
-            w = functional.GroupWork(cfg, [], [], [], [], [], [])
+            amsgrad, kahan = cfg.amsgrad, cfg.rounding == "kahan"
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            exp_avgs: list[torch.Tensor] = []
+            exp_avg_sqs: list[torch.Tensor] = []
+            steps: list[int] = []
+            maxs: Optional[list[torch.Tensor]] = [] if amsgrad else None
+            comps: Optional[list[Optional[torch.Tensor]]] = [] if kahan else None
             positions: list[int] = []
             states: list[dict[str, Any]] = []
-            kahan = cfg.rounding == "kahan"
-            if cfg.amsgrad:
-                w.max_exp_avg_sqs = []
-            if kahan:
-                w.compensations = []
             for i, param, grad in self._grads(gi, group, only):
-                state = self._state(group, param, created)
-                bufs = [param, grad, state["exp_avg"], state["exp_avg_sq"]]
-                if cfg.amsgrad:
-                    bufs.append(_state_entry(state, "max_exp_avg_sq", gi, group, i, param))
-                if kahan:
-                    bufs.append(state.get("compensation"))
-                if dtensor is not None and (
+                state = state_of[param]
+                if not state:
+                    created.append(param)
+                    self.init_state(state, group, param)
+                # The buffers the core steps (a DTensor's local shards where it has them).
+                bp, bg, m, v = param, grad, state["exp_avg"], state["exp_avg_sq"]
+                sharded = dtensor is not None and (
                     isinstance(param, dtensor) or isinstance(grad, dtensor)
-                ):
-                    local = _local_shards(dtensor, bufs)
-                    if local is None:
-                        if self.backend == "rust":
-                            raise RuntimeError(
-                                f"rustadam.Adam cannot step {param_label(gi, group, i, param)} "
-                                "on the Rust core: its gradient and state are not all DTensors "
-                                "sharded like it"
-                            )
-                        dtensor_steps.append((gi, group, i, state, grad, param))
-                        continue
-                    bufs = list(local)
+                )
+                if amsgrad or kahan or sharded:
+                    bufs = [param, grad, m, v]
+                    if amsgrad:
+                        bufs.append(_state_entry(state, "max_exp_avg_sq", gi, group, i, param))
+                    if kahan:
+                        bufs.append(state.get("compensation"))
+                    if sharded:
+                        local = _local_shards(dtensor, bufs)
+                        if local is None:
+                            if self.backend == "rust":
+                                raise RuntimeError(
+                                    f"rustadam.Adam cannot step "
+                                    f"{param_label(gi, group, i, param)} on the Rust core: its "
+                                    "gradient and state are not all DTensors sharded like it"
+                                )
+                            dtensor_steps.append((gi, group, i, state, grad, param))
+                            continue
+                        bufs = list(local)
+                    bp, bg, m, v = bufs[:4]
+                    if maxs is not None:
+                        maxs.append(bufs[4])
+                    if comps is not None:
+                        comps.append(bufs[-1])
+                params.append(bp)
+                grads.append(bg)
+                exp_avgs.append(m)
+                exp_avg_sqs.append(v)
                 positions.append(i)
                 states.append(state)
-                w.params.append(bufs[0])
-                w.grads.append(bufs[1])
-                w.exp_avgs.append(bufs[2])
-                w.exp_avg_sqs.append(bufs[3])
-                if cfg.amsgrad:
-                    w.max_exp_avg_sqs.append(bufs[4])
-                if kahan:
-                    w.compensations.append(bufs[-1])
                 t = state["step"]
                 # The common case inline; anything else is checked (and named) by _next_step.
                 if type(t) is not int or not 0 <= t < _MAX_STEP:
                     t = _next_step(state, gi, group, i, param) - 1
-                w.steps.append(t + 1)
+                steps.append(t + 1)
             # Seeds matter only to stochastic rounding (each parameter's own stream).
-            w.seeds = (
+            seeds = (
                 [_param_seed(self.seed, gi, i) for i in positions]
                 if cfg.rounding == "stochastic"
                 else [0] * len(positions)
             )
-            w.label = _labeler(gi, group, positions)
-            works.append(w)
+            works.append(
+                functional.GroupWork(
+                    cfg,
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    steps,
+                    seeds,
+                    maxs,
+                    comps,
+                    label=_labeler(gi, group, positions),
+                )
+            )
             states_of.append(states)
         for gi, group, i, _state, grad, param in dtensor_steps:
             functional.check_entry(param_label(gi, group, i, param), (param, grad))
