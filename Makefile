@@ -12,7 +12,7 @@ DEPS := $(VENV)/.deps-installed
 BUILT := $(VENV)/.rustadam-built
 SOURCES := $(shell find crates -type f \( -name '*.rs' -o -name '*.toml' \) 2>/dev/null) Cargo.toml Cargo.lock pyproject.toml
 
-.PHONY: help venv build demo test test-rust test-python lint fmt bench figures clean
+.PHONY: help venv build demo test test-rust test-python lint fmt bench bench-cuda bench-release figures clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -56,6 +56,12 @@ fmt: $(DEPS) ## Format Rust and Python sources
 
 bench: $(BUILT) ## Step time of rustadam against torch.optim.Adam (fused, foreach, for-loop)
 	$(PY) -m rustadam.bench
+
+bench-cuda: $(BUILT) ## On a CUDA GPU: the Triton and foreach paths against torch fused/foreach/for-loop
+	$(PY) -m rustadam.bench --device cuda
+
+bench-release: $(BUILT) ## Peak memory and step time of gradient_release=True against the usual loop
+	$(PY) -m rustadam.bench --gradient-release
 
 figures: $(BUILT) ## Regenerate the README's figures in docs/ with the demo and the benchmark
 	$(PY) -m rustadam.demo --out docs

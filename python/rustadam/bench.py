@@ -432,15 +432,17 @@ class Target:
         return _share(value) if self.kind == "roofline" else f"{_ratio(value)}×"
 
 
+# (a) and (c) are memory-bound: within 3 % of torch fused, which runs at the roofline too.
 TARGETS = (
-    Target("a", "vs_fused", 0.95),
+    Target("a", "vs_fused", 1.03),
     Target("a", "roofline", 0.90),
     Target("a", "vs_torch_path", 6.0),
-    Target("b", "vs_fused", 0.2),
+    Target("b", "vs_fused", 0.45),
     Target("b", "vs_torch_path", 10.0),
-    Target("c", "vs_fused", 1.0),
+    Target("c", "vs_fused", 1.03),
     Target("d", "vs_fused", 0.7),
     Target("e", "vs_fused", 1.0),
+    Target("f", "vs_fused", 0.5),
 )
 
 
