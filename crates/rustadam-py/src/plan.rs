@@ -109,8 +109,12 @@ struct Item {
     bufs: Vec<Option<Meta>>,
     step: u64,
     seed: u64,
-    /// Every buffer is dense with the parameter's strides: the kernel runs on them in place.
-    in_place: bool,
+    /// The order the kernel visits elements in: the dimensions, outermost first. It is the
+    /// memory order of the first dense buffer (the parameter's when it is dense), else row-major.
+    order: Vec<usize>,
+    /// By `Role` order: the buffer lies in memory in `order`, so the kernel runs on it in
+    /// place; the others are gathered into copies in that order (and written back).
+    direct: [bool; 6],
     /// It shares memory with another parameter of the step: stepped alone, in order.
     sequential: bool,
 }
@@ -178,7 +182,8 @@ fn read_item(
         bufs,
         step,
         seed,
-        in_place: false,
+        order: Vec::new(),
+        direct: [false; 6],
         sequential: false,
     };
     Ok(check_item(&mut item).map(|()| item))
@@ -210,13 +215,30 @@ fn check_item(item: &mut Item) -> Result<(), Problem> {
     if let Some(&(a, b)) = layout::conflicts(&only).first() {
         return Err(Problem::SharedWith(spans[b].0, spans[a].0));
     }
-    item.in_place = p.is_dense()
-        && item
-            .bufs
-            .iter()
-            .flatten()
-            .all(|b| b.numel <= 1 || (b.strides == p.strides && b.is_dense()));
+    let reference = item
+        .bufs
+        .iter()
+        .flatten()
+        .find(|b| b.numel > 1 && b.is_dense());
+    item.order = match reference {
+        Some(r) => layout::memory_order(&r.shape, &r.strides),
+        None => (0..p.shape.len()).collect(),
+    };
+    for (direct, b) in item.direct.iter_mut().zip(&item.bufs) {
+        *direct = b.as_ref().is_some_and(|b| {
+            b.numel <= 1 || reference.is_some_and(|r| b.is_dense() && same_placement(b, r))
+        });
+    }
     Ok(())
+}
+
+/// Whether two views of one shape place their elements alike (length-1 dimensions may have
+/// any stride).
+fn same_placement(a: &Meta, b: &Meta) -> bool {
+    a.shape
+        .iter()
+        .zip(a.strides.iter().zip(&b.strides))
+        .all(|(&n, (sa, sb))| n <= 1 || sa == sb)
 }
 
 fn span(r: Role, m: &Meta) -> Span {
@@ -342,59 +364,106 @@ fn mark_shared(items: &mut [Item]) {
     }
 }
 
-/// The view's elements in row-major order of its (real) dimensions.
-fn offsets(m: &Meta, mut f: impl FnMut(isize)) {
-    if m.numel == 0 {
+/// Copies a `rows × cols` block between two strided layouts (strides as (row, column)); in
+/// square tiles where a side is not contiguous along its rows, so that a transposed side is
+/// read or written a few cache lines at a time.
+///
+/// # Safety
+/// Every element of both blocks is valid to read (`src`) or write (`dst`), and they do not
+/// overlap.
+unsafe fn copy_2d<E: Copy>(
+    src: *const E,
+    (sr, sc): (isize, isize),
+    dst: *mut E,
+    (dr, dc): (isize, isize),
+    (rows, cols): (usize, usize),
+) {
+    if sc == 1 && dc == 1 {
+        for r in 0..rows as isize {
+            // SAFETY: the function's contract; a row is `cols` consecutive elements.
+            unsafe { std::ptr::copy_nonoverlapping(src.offset(r * sr), dst.offset(r * dr), cols) };
+        }
         return;
     }
-    let nd = m.shape.len();
-    let mut idx = vec![0usize; nd];
-    let mut off = 0isize;
-    loop {
-        f(off);
-        let mut d = nd;
-        loop {
-            if d == 0 {
-                return;
+    const TILE: usize = 32;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0 as isize..(r0 + TILE).min(rows) as isize {
+                for c in c0 as isize..(c0 + TILE).min(cols) as isize {
+                    // SAFETY: the function's contract.
+                    unsafe {
+                        dst.offset(r * dr + c * dc)
+                            .write(src.offset(r * sr + c * sc).read())
+                    };
+                }
             }
-            d -= 1;
-            idx[d] += 1;
-            off += m.strides[d];
-            if idx[d] < m.shape[d] {
-                break;
-            }
-            off -= m.strides[d] * m.shape[d] as isize;
-            idx[d] = 0;
         }
     }
 }
 
-/// A buffer's elements copied out in row-major order.
+/// A buffer's elements copied out in `order` (see [`layout::slabs`]).
 ///
 /// # Safety
 /// `m` comes from a [`Plan`]: every offset of its view lies in a storage the plan holds, with
 /// elements of type `E`, and no other thread writes them during the call.
-unsafe fn gather<E: Copy>(m: &Meta) -> Vec<E> {
-    let mut out = Vec::with_capacity(m.numel);
-    let base = m.ptr as *const E;
-    // SAFETY: each offset is inside the checked view (the function's contract).
-    offsets(m, |o| out.push(unsafe { base.offset(o).read() }));
+unsafe fn gather<E: Copy>(m: &Meta, order: &[usize]) -> Vec<E> {
+    let mut out: Vec<E> = Vec::with_capacity(m.numel);
+    let (src, dst) = (m.ptr as *const E, out.as_mut_ptr());
+    let mut k = 0;
+    layout::slabs(
+        &m.shape,
+        &m.strides,
+        order,
+        |off, (rows, rs), (cols, cs)| {
+            // SAFETY: the slab is inside the checked view (the function's contract); the output
+            // has room for all `numel` elements and the slabs fill it once, in order.
+            unsafe {
+                let to = dst.add(k);
+                copy_2d(
+                    src.offset(off),
+                    (rs, cs),
+                    to,
+                    (cols as isize, 1),
+                    (rows, cols),
+                );
+            }
+            k += rows * cols;
+        },
+    );
+    // SAFETY: the slabs wrote every one of the `numel` elements.
+    unsafe { out.set_len(m.numel) };
     out
 }
 
-/// Writes `data` back into a buffer in row-major order.
+/// Writes `data` back into a buffer in `order` (see [`layout::slabs`]).
 ///
 /// # Safety
 /// As for [`gather`], and no two elements of the view share memory (checked for written
-/// buffers by `check_item`).
-unsafe fn scatter<E: Copy>(m: &Meta, data: &[E]) {
-    let base = m.ptr as *mut E;
+/// buffers by `check_item`); `data` has one value per element.
+unsafe fn scatter<E: Copy>(m: &Meta, order: &[usize], data: &[E]) {
+    assert_eq!(data.len(), m.numel, "one value per element");
+    let (src, dst) = (data.as_ptr(), m.ptr as *mut E);
     let mut k = 0;
-    offsets(m, |o| {
-        // SAFETY: as the function's contract states; `data` has one value per element.
-        unsafe { base.offset(o).write(data[k]) };
-        k += 1;
-    });
+    layout::slabs(
+        &m.shape,
+        &m.strides,
+        order,
+        |off, (rows, rs), (cols, cs)| {
+            // SAFETY: as the function's contract states; `data` is our own copy, apart from the
+            // view, with `rows · cols` values from `k`.
+            unsafe {
+                let from = src.add(k);
+                copy_2d(
+                    from,
+                    (cols as isize, 1),
+                    dst.offset(off),
+                    (rs, cs),
+                    (rows, cols),
+                );
+            }
+            k += rows * cols;
+        },
+    );
 }
 
 /// A dense buffer as a mutable slice.
@@ -422,11 +491,12 @@ unsafe fn slice<'a, E>(m: &Meta) -> &'a [E] {
     unsafe { std::slice::from_raw_parts(m.ptr as *const E, m.numel) }
 }
 
-/// The buffers of one parameter for the kernel: slices of its own memory (in place), or of
-/// gathered copies that are scattered back afterwards.
+/// The buffers of one parameter for the kernel: slices of its own memory where a buffer lies in
+/// the item's order, copies gathered in that order (and scattered back) where it does not.
 struct Work<'a, E> {
     item: &'a Item,
-    copies: Option<Vec<Vec<E>>>,
+    /// By `Role` order; `None` for a buffer used in place (or absent).
+    copies: Vec<Option<Vec<E>>>,
 }
 
 impl<'a, E: Element> Work<'a, E> {
@@ -434,13 +504,16 @@ impl<'a, E: Element> Work<'a, E> {
     /// `item` comes from a [`Plan`] whose buffers have element type `E`, and no other
     /// `Work` of this call covers memory of `item` unless both only read it.
     unsafe fn new(item: &'a Item) -> Self {
-        let copies = (!item.in_place).then(|| {
-            item.bufs
-                .iter()
+        let copies = item
+            .bufs
+            .iter()
+            .zip(item.direct)
+            .map(|(b, direct)| match b {
                 // SAFETY: the contract of `new`.
-                .map(|b| b.as_ref().map_or_else(Vec::new, |m| unsafe { gather(m) }))
-                .collect()
-        });
+                Some(m) if !direct => Some(unsafe { gather(m, &item.order) }),
+                _ => None,
+            })
+            .collect();
         Self { item, copies }
     }
 
@@ -454,31 +527,23 @@ impl<'a, E: Element> Work<'a, E> {
         // never made a mutable slice.
         let mut slots: Vec<Option<&mut [E]>> = Vec::with_capacity(Role::ALL.len());
         let mut grad: &[E] = &[];
-        match &mut self.copies {
-            Some(copies) => {
-                for ((c, b), r) in copies.iter_mut().zip(&item.bufs).zip(Role::ALL) {
-                    match b {
-                        Some(_) if r.written() => slots.push(Some(c.as_mut_slice())),
-                        Some(_) => {
-                            grad = c.as_slice();
-                            slots.push(None);
-                        }
-                        None => slots.push(None),
+        for ((b, c), r) in item.bufs.iter().zip(self.copies.iter_mut()).zip(Role::ALL) {
+            match (b, c) {
+                (None, _) => slots.push(None),
+                (Some(_), Some(c)) => {
+                    if r.written() {
+                        slots.push(Some(c.as_mut_slice()));
+                    } else {
+                        grad = c.as_slice();
+                        slots.push(None);
                     }
                 }
-            }
-            None => {
-                for (b, r) in item.bufs.iter().zip(Role::ALL) {
-                    match b {
-                        // SAFETY: in place means every buffer is dense (contract of `new`).
-                        Some(m) if r.written() => slots.push(Some(unsafe { slice_mut(m) })),
-                        Some(m) => {
-                            // SAFETY: as above; a shared slice.
-                            grad = unsafe { slice(m) };
-                            slots.push(None);
-                        }
-                        None => slots.push(None),
-                    }
+                // SAFETY: a direct buffer is dense in the item's order (contract of `new`).
+                (Some(m), None) if r.written() => slots.push(Some(unsafe { slice_mut(m) })),
+                (Some(m), None) => {
+                    // SAFETY: as above; a shared slice.
+                    grad = unsafe { slice(m) };
+                    slots.push(None);
                 }
             }
         }
@@ -502,11 +567,11 @@ impl<'a, E: Element> Work<'a, E> {
     /// # Safety
     /// As for [`Work::new`].
     unsafe fn finish(self) {
-        let Some(copies) = self.copies else { return };
-        for (r, (b, c)) in Role::ALL.iter().zip(self.item.bufs.iter().zip(&copies)) {
-            if let (true, Some(m)) = (r.written(), b) {
+        let item = self.item;
+        for (r, (b, c)) in Role::ALL.iter().zip(item.bufs.iter().zip(&self.copies)) {
+            if let (true, Some(m), Some(c)) = (r.written(), b, c) {
                 // SAFETY: the contract of `new`; written buffers were checked non-overlapping.
-                unsafe { scatter(m, c) };
+                unsafe { scatter(m, &item.order, c) };
             }
         }
     }

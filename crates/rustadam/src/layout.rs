@@ -92,6 +92,66 @@ pub fn is_non_overlapping(shape: &[usize], strides: &[isize]) -> bool {
     true
 }
 
+/// The dimensions of a dense view from the largest stride to the smallest (length-1 dimensions
+/// first): visiting them in this order, row-major, walks its memory in increasing order.
+///
+/// ```
+/// use rustadam::layout::memory_order;
+/// assert_eq!(memory_order(&[2, 3], &[3, 1]), vec![0, 1]);
+/// assert_eq!(memory_order(&[2, 3], &[1, 2]), vec![1, 0]);  // transposed
+/// ```
+pub fn memory_order(shape: &[usize], strides: &[isize]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..shape.len()).collect();
+    order.sort_by_key(|&d| std::cmp::Reverse(if shape[d] > 1 { strides[d] } else { isize::MAX }));
+    order
+}
+
+/// A view's elements, row-major over the dimensions in `order` (a permutation of its
+/// dimensions), as 2-D slabs of its two innermost dimensions of length > 1:
+/// `f(offset, (rows, row_stride), (cols, col_stride))`, in elements from the view's first
+/// element. A missing dimension is `(1, 0)`; an empty view has no slab.
+///
+/// ```
+/// use rustadam::layout::slabs;
+/// let mut seen = Vec::new();
+/// slabs(&[2, 2, 3], &[6, 3, 1], &[0, 1, 2], |off, rows, cols| seen.push((off, rows, cols)));
+/// assert_eq!(seen, vec![(0, (2, 3), (3, 1)), (6, (2, 3), (3, 1))]);
+/// ```
+pub fn slabs(
+    shape: &[usize],
+    strides: &[isize],
+    order: &[usize],
+    mut f: impl FnMut(isize, (usize, isize), (usize, isize)),
+) {
+    if shape.contains(&0) {
+        return;
+    }
+    let mut dims: Vec<usize> = order.iter().copied().filter(|&d| shape[d] > 1).collect();
+    let mut take = || dims.pop().map_or((1, 0), |d| (shape[d], strides[d]));
+    let (cols, rows) = (take(), take());
+    let outer = dims;
+    let mut idx = vec![0usize; outer.len()];
+    let mut off = 0isize;
+    loop {
+        f(off, rows, cols);
+        let mut k = outer.len();
+        loop {
+            if k == 0 {
+                return;
+            }
+            k -= 1;
+            let d = outer[k];
+            idx[k] += 1;
+            off += strides[d];
+            if idx[k] < shape[d] {
+                break;
+            }
+            off -= strides[d] * shape[d] as isize;
+            idx[k] = 0;
+        }
+    }
+}
+
 /// A byte range `[start, end)` one buffer of a call occupies, and whether the call writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span {
@@ -215,6 +275,52 @@ mod tests {
             if is_non_overlapping(&shape, &strides) {
                 assert!(distinct, "{shape:?} {strides:?}");
             }
+        }
+    }
+
+    /// The offsets of a view in row-major order over `order`, by enumeration.
+    fn offsets_in(shape: &[usize], strides: &[isize], order: &[usize]) -> Vec<isize> {
+        let shape: Vec<usize> = order.iter().map(|&d| shape[d]).collect();
+        let strides: Vec<isize> = order.iter().map(|&d| strides[d]).collect();
+        offsets(&shape, &strides)
+    }
+
+    #[test]
+    fn slabs_visit_every_element_in_order() {
+        for (k, (shape, strides)) in views().into_iter().enumerate() {
+            // Every permutation of up to 3 dimensions, picked by k.
+            let mut order: Vec<usize> = (0..shape.len()).collect();
+            order.rotate_left(k % shape.len().max(1));
+            if k % 2 == 1 {
+                order.reverse();
+            }
+            let mut got = Vec::new();
+            slabs(&shape, &strides, &order, |off, (rows, rs), (cols, cs)| {
+                for r in 0..rows as isize {
+                    for c in 0..cols as isize {
+                        got.push(off + r * rs + c * cs);
+                    }
+                }
+            });
+            let expected = if shape.contains(&0) {
+                vec![]
+            } else {
+                offsets_in(&shape, &strides, &order)
+            };
+            assert_eq!(got, expected, "{shape:?} {strides:?} {order:?}");
+        }
+    }
+
+    #[test]
+    fn memory_order_walks_a_dense_view_in_order() {
+        for (shape, strides) in views() {
+            if shape.contains(&0) || !is_dense(&shape, &strides) {
+                continue;
+            }
+            let order = memory_order(&shape, &strides);
+            let walk = offsets_in(&shape, &strides, &order);
+            let expected: Vec<isize> = (0..walk.len() as isize).collect();
+            assert_eq!(walk, expected, "{shape:?} {strides:?} {order:?}");
         }
     }
 
