@@ -341,3 +341,27 @@ def test_fma_emulation_and_sqrt_rn_are_correctly_rounded(dtype):
 def test_torch_cpu_add_alpha_and_addcmul_are_fused(dtype):
     """Documents what the foreach path relies on, with a fallback where it is False."""
     assert _rounding.fma_fused_by_torch("cpu", dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "foreach"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_without_torchs_fused_ops_the_emulated_fma_gives_the_same_bits(monkeypatch, backend, dtype):
+    """Where torch's add(alpha=)/addcmul do not round once (some devices), the paths use the
+    emulated fma: the numbers must not change."""
+
+    def run() -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(3)
+        p = torch.nn.Parameter(torch.randn(3000, generator=gen, dtype=torch.float64).to(dtype))
+        opt = Adam([p], lr=0.5, eps=1e-8, backend=backend,
+                   weight_decay=WeightDecay(0.1, weight_decouple=False))  # fmt: skip
+        for _ in range(3):
+            p.grad = torch.randn(3000, generator=gen, dtype=torch.float64).to(dtype)
+            opt.step()
+        s = opt.state[p]
+        return [p.detach().clone(), s["exp_avg"].clone(), s["exp_avg_sq"].clone()]
+
+    fused = run()
+    monkeypatch.setattr(_rounding, "fma_fused_by_torch", lambda device, dtype: False)
+    emulated = run()
+    for a, b in zip(fused, emulated):
+        assert torch.equal(a, b)

@@ -174,7 +174,7 @@ def _step_group(
         if fused:
             g = torch._foreach_add(g, theta, alpha=wd)
         else:
-            g = [_rounding.fma(p, torch.full_like(p, wd), x) for p, x in zip(theta, g)]
+            g = [_rounding.fma_scalar(p, wd, x) for p, x in zip(theta, g)]
         g = through_e(g)
 
     m = torch._foreach_mul(load(m_e), k(cfg.beta1))
@@ -184,8 +184,8 @@ def _step_group(
         torch._foreach_add_(m, g, alpha=omb1)  # fma(g, omb1, m·b1), measured
         torch._foreach_addcmul_(v, g, g, value=omb2)  # fma(RN(omb2·g), g, v·b2), measured
     else:
-        m = [_rounding.fma(x, torch.full_like(x, omb1), y) for x, y in zip(g, m)]
-        v = [_rounding.fma(x * omb2, x, y) for x, y in zip(g, v)]
+        m = [_rounding.fma_scalar(x, omb1, y) for x, y in zip(g, m)]
+        v = [_rounding.fma_square(x, omb2, y) for x, y in zip(g, v)]
 
     vd = v
     vmax_e: list[torch.Tensor] = []

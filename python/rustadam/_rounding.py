@@ -248,6 +248,22 @@ def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return _nudge_odd(s, err).to(out)
 
 
+def fma_scalar(x: torch.Tensor, a: float, y: torch.Tensor) -> torch.Tensor:
+    """``RN(x·a + y)`` for a scalar ``a`` held in x's dtype: torch's ``y.add(x, alpha=a)`` where
+    it rounds once on this device (measured by :func:`fma_fused_by_torch`), else :func:`fma`."""
+    if fma_fused_by_torch(str(x.device), x.dtype):
+        return y.add(x, alpha=a)
+    return fma(x, torch.full_like(x, a), y)
+
+
+def fma_square(x: torch.Tensor, w: float, y: torch.Tensor) -> torch.Tensor:
+    """``RN(RN(w·x)·x + y)``: torch's ``y.addcmul(x, x, value=w)`` where it rounds so (measured
+    by :func:`fma_fused_by_torch`), else :func:`fma`."""
+    if fma_fused_by_torch(str(x.device), x.dtype):
+        return y.addcmul(x, x, value=w)
+    return fma(x * w, x, y)
+
+
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     """The correctly rounded square root of a float32 or float64 tensor (NaN for x < 0).
 

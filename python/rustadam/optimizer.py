@@ -276,8 +276,8 @@ class Adam(Optimizer):
         c = g32.dtype
         b1, omb1 = _k(beta1, c), _k(1 - beta1, c)
         b2, omb2 = _k(beta2, c), _k(1 - beta2, c)
-        m_new = _rounding.fma(g32, torch.full_like(g32, omb1), m32 * b1)
-        v_new = _rounding.fma(g32 * omb2, g32, v32 * b2)
+        m_new = _rounding.fma_scalar(g32, omb1, m32 * b1)
+        v_new = _rounding.fma_square(g32, omb2, v32 * b2)
         _write(mr, m_new)
         _write(vr, v_new)
         if group.get("amsgrad"):

@@ -90,6 +90,6 @@ def _l2(param: torch.Tensor, grad: torch.Tensor, wd: float) -> torch.Tensor:
         g, p = torch.view_as_real(g.resolve_conj()), torch.view_as_real(p.resolve_conj())
     compute = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype
     lam = float(torch.tensor(wd, dtype=torch.float64).to(compute).item())
-    out = _rounding.fma(p.to(compute), torch.full_like(g, lam, dtype=compute), g.to(compute))
+    out = _rounding.fma_scalar(p.to(compute), lam, g.to(compute))
     out = out.to(g.dtype)
     return torch.view_as_complex(out) if grad.is_complex() else out
