@@ -401,7 +401,27 @@ unsafe fn copy_2d<E: Copy>(
     }
 }
 
-/// A buffer's elements copied out in `order` (see [`layout::slabs`]).
+/// Each slab of the view in `order` (see [`layout::slabs`]) with the place of its `rows · cols`
+/// elements in a dense copy laid out in that order: `f(view offset, (row, column) strides,
+/// copy offset, (rows, cols))`.
+fn slabs_and_copy(
+    m: &Meta,
+    order: &[usize],
+    mut f: impl FnMut(isize, (isize, isize), usize, (usize, usize)),
+) {
+    let mut k = 0;
+    layout::slabs(
+        &m.shape,
+        &m.strides,
+        order,
+        |off, (rows, rs), (cols, cs)| {
+            f(off, (rs, cs), k, (rows, cols));
+            k += rows * cols;
+        },
+    );
+}
+
+/// A buffer's elements copied out in `order`.
 ///
 /// # Safety
 /// `m` comes from a [`Plan`]: every offset of its view lies in a storage the plan holds, with
@@ -409,33 +429,20 @@ unsafe fn copy_2d<E: Copy>(
 unsafe fn gather<E: Copy>(m: &Meta, order: &[usize]) -> Vec<E> {
     let mut out: Vec<E> = Vec::with_capacity(m.numel);
     let (src, dst) = (m.ptr as *const E, out.as_mut_ptr());
-    let mut k = 0;
-    layout::slabs(
-        &m.shape,
-        &m.strides,
-        order,
-        |off, (rows, rs), (cols, cs)| {
-            // SAFETY: the slab is inside the checked view (the function's contract); the output
-            // has room for all `numel` elements and the slabs fill it once, in order.
-            unsafe {
-                let to = dst.add(k);
-                copy_2d(
-                    src.offset(off),
-                    (rs, cs),
-                    to,
-                    (cols as isize, 1),
-                    (rows, cols),
-                );
-            }
-            k += rows * cols;
-        },
-    );
+    slabs_and_copy(m, order, |off, strides, k, (rows, cols)| {
+        // SAFETY: the slab is inside the checked view (the function's contract); the output
+        // has room for all `numel` elements and the slabs fill it once, in order.
+        unsafe {
+            let dense = (cols as isize, 1);
+            copy_2d(src.offset(off), strides, dst.add(k), dense, (rows, cols));
+        }
+    });
     // SAFETY: the slabs wrote every one of the `numel` elements.
     unsafe { out.set_len(m.numel) };
     out
 }
 
-/// Writes `data` back into a buffer in `order` (see [`layout::slabs`]).
+/// Writes `data` back into a buffer in `order`.
 ///
 /// # Safety
 /// As for [`gather`], and no two elements of the view share memory (checked for written
@@ -443,27 +450,14 @@ unsafe fn gather<E: Copy>(m: &Meta, order: &[usize]) -> Vec<E> {
 unsafe fn scatter<E: Copy>(m: &Meta, order: &[usize], data: &[E]) {
     assert_eq!(data.len(), m.numel, "one value per element");
     let (src, dst) = (data.as_ptr(), m.ptr as *mut E);
-    let mut k = 0;
-    layout::slabs(
-        &m.shape,
-        &m.strides,
-        order,
-        |off, (rows, rs), (cols, cs)| {
-            // SAFETY: as the function's contract states; `data` is our own copy, apart from the
-            // view, with `rows · cols` values from `k`.
-            unsafe {
-                let from = src.add(k);
-                copy_2d(
-                    from,
-                    (cols as isize, 1),
-                    dst.offset(off),
-                    (rs, cs),
-                    (rows, cols),
-                );
-            }
-            k += rows * cols;
-        },
-    );
+    slabs_and_copy(m, order, |off, strides, k, (rows, cols)| {
+        // SAFETY: as the function's contract states; `data` is our own copy, apart from the
+        // view, with `rows · cols` values from `k`.
+        unsafe {
+            let dense = (cols as isize, 1);
+            copy_2d(src.add(k), dense, dst.offset(off), strides, (rows, cols));
+        }
+    });
 }
 
 /// A dense buffer as a mutable slice.
