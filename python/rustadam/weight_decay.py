@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from rustadam import _core
+
 if TYPE_CHECKING:
     import torch
 
@@ -32,8 +34,11 @@ class WeightDecay:
     def __init__(
         self, weight_decay: float = 0.0, weight_decouple: bool = True, absolute: bool = False
     ) -> None:
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        try:
+            _core.Config(weight_decay=float(weight_decay))  # the core's rule
+        except (TypeError, ValueError):
+            # torch's message, with the value as given (an int stays an int).
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}") from None
         self.weight_decay = weight_decay
         self.weight_decouple = weight_decouple
         self.absolute = absolute
