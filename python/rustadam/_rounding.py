@@ -274,7 +274,7 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     and its two neighbours, the one with the smallest exact residual |x − s²|.
     """
     if x.dtype != torch.float64:
-        return x.double().sqrt().to(x.dtype)
+        return x.double().sqrt_().to(x.dtype)
     s = x.sqrt()
     up = torch.nextafter(s, torch.full_like(s, torch.inf))
     down = torch.nextafter(s, torch.zeros_like(s))

@@ -307,14 +307,19 @@ class Adam(Optimizer):
         p = _real(param.data)
         p32, mr, vr = _f32(p), _f32(_real(m)), _f32(_real(v))
         c = p32.dtype
+        # In place on the temporaries: large tensors allocate (and fault in) less.
+        denominator = _rounding.sqrt_rn(vr)
         if group.get("optimized_update", self.optimized_update):
-            denominator = _rounding.sqrt_rn(vr) + _k(group["eps"], c)
             step_size = lr * math.sqrt(bias_correction2) / bias_correction1
         else:
-            sqrt_bc2 = torch.full_like(vr, _k(math.sqrt(bias_correction2), c))
-            denominator = _rounding.sqrt_rn(vr) / sqrt_bc2 + _k(group["eps"], c)
+            # A tensor divisor (expanded, not allocated): a scalar one may be applied as a
+            # product with its reciprocal (CUDA does), which rounds differently.
+            sqrt_bc2 = _k(math.sqrt(bias_correction2), c)
+            ones = (1,) * vr.dim()
+            denominator.div_(torch.full(ones, sqrt_bc2, dtype=c, device=vr.device).expand_as(vr))
             step_size = lr / bias_correction1
-        u = (mr * _k(step_size, c)) / denominator
+        denominator.add_(_k(group["eps"], c))
+        u = (mr * _k(step_size, c)).div_(denominator)
         rounding = self._rounding(group)
         if p.dtype in _HALF and rounding == "kahan" and "compensation" in state:
             new, comp = _rounding.kahan_update(p32, u, state["compensation"], p.dtype)
