@@ -3,7 +3,8 @@
 - the kernel on CUDA tensors equals the foreach path on the same values on the CPU, bit for bit
   (the foreach path equals the Rust core bit for bit in tests/test_foreach.py);
 - a checkpoint of ``rustadam.Adam`` moves between CPU and GPU through ``state_dict``;
-- ``torch.amp.GradScaler`` drives the kernel's grad_scale/found_inf without a host sync.
+- the kernel reads grad_scale/found_inf on the device, and a step of ``torch.amp.GradScaler``
+  with inf gradients changes nothing.
 """
 
 from __future__ import annotations
