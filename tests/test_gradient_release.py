@@ -295,3 +295,24 @@ def test_grad_scaler_is_refused_clearly():
     scaler.scale(_loss(model, 0, torch.float32)).backward()
     with pytest.raises(RuntimeError, match="gradient_release"):
         scaler.step(opt)
+
+
+def test_step_hooks_run_at_step_after_backward_updated_the_parameters():
+    model = _net(torch.float32)
+    opt = _opt(model, True)
+    seen = []
+    start = [p.detach().clone() for p in model.parameters()]
+
+    def hook(name):
+        def record(optimizer, args, kwargs):
+            moved = any(not torch.equal(p, q) for p, q in zip(model.parameters(), start))
+            seen.append((name, moved))
+
+        return record
+
+    opt.register_step_pre_hook(hook("pre"))
+    opt.register_step_post_hook(hook("post"))
+    _loss(model, 0, torch.float32).backward()
+    assert seen == []  # backward stepped the parameters without calling step()
+    opt.step()
+    assert seen == [("pre", True), ("post", True)]
