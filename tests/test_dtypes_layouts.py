@@ -449,8 +449,16 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
-def test_each_buffer_in_its_own_layout_steps_like_the_torch_path(dtype):
+@pytest.mark.parametrize(
+    "dtype, rounding",
+    [
+        (torch.float32, "nearest"),
+        (torch.bfloat16, "nearest"),
+        (torch.bfloat16, "stochastic"),
+        (torch.complex64, "nearest"),
+    ],
+)
+def test_each_buffer_in_its_own_layout_steps_like_the_torch_path(dtype, rounding):
     """Parameter, gradient, exp_avg and exp_avg_sq each contiguous, transposed or a non-dense
     view: the core steps in place what lies in the parameter's order and copies the rest; every
     combination gives the torch path's bits and leaves the memory around a view untouched."""
@@ -472,11 +480,12 @@ def test_each_buffer_in_its_own_layout_steps_like_the_torch_path(dtype):
             made = {k: _laid_out(values[k], how) for k, how in zip("pgmv", combo)}
             p = torch.nn.Parameter(made["p"][0], requires_grad=True)
             p.grad = made["g"][0]
-            opt = Adam([p], lr=0.1, eps=1e-8, weight_decay=0.1, backend=backend)
+            opt = Adam([p], lr=0.1, eps=1e-8, weight_decay=0.1, backend=backend,
+                       rounding=rounding, seed=5)  # fmt: skip
             opt.state[p] = {"step": 2, "exp_avg": made["m"][0], "exp_avg_sq": made["v"][0]}
             for _ in range(2):
                 opt.step()
             results[backend] = made
         for k in "pmv":
             rust, torch_ = results["rust"][k][1], results["torch"][k][1]
-            assert torch.equal(_bits(rust), _bits(torch_)), f"{dtype} {combo}: {k} differs"
+            assert torch.equal(_bits(rust), _bits(torch_)), f"{dtype} {rounding} {combo}: {k}"

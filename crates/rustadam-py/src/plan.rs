@@ -110,7 +110,7 @@ struct Item {
     step: u64,
     seed: u64,
     /// The order the kernel visits elements in: the dimensions, outermost first. It is the
-    /// memory order of the first dense buffer (the parameter's when it is dense), else row-major.
+    /// parameter's memory order when it is dense, else row-major.
     order: Vec<usize>,
     /// By `Role` order: the buffer lies in memory in `order`, so the kernel runs on it in
     /// place; the others are gathered into copies in that order (and written back).
@@ -215,29 +215,29 @@ fn check_item(item: &mut Item) -> Result<(), Problem> {
     if let Some(&(a, b)) = layout::conflicts(&only).first() {
         return Err(Problem::SharedWith(spans[b].0, spans[a].0));
     }
-    let reference = item
-        .bufs
-        .iter()
-        .flatten()
-        .find(|b| b.numel > 1 && b.is_dense());
-    item.order = match reference {
-        Some(r) => layout::memory_order(&r.shape, &r.strides),
-        None => (0..p.shape.len()).collect(),
+    // The kernel walks a dense parameter in its memory order and any other row-major: the
+    // element index of stochastic rounding is then the one every path uses (the offset in a
+    // dense parameter's memory, else the row-major index).
+    let reference: Vec<isize> = if p.is_dense() {
+        p.strides.to_vec()
+    } else {
+        layout::row_major_strides(&p.shape)
     };
+    item.order = layout::memory_order(&p.shape, &reference);
     for (direct, b) in item.direct.iter_mut().zip(&item.bufs) {
-        *direct = b.as_ref().is_some_and(|b| {
-            b.numel <= 1 || reference.is_some_and(|r| b.is_dense() && same_placement(b, r))
-        });
+        *direct = b
+            .as_ref()
+            .is_some_and(|b| b.numel <= 1 || (b.is_dense() && same_placement(b, &reference)));
     }
     Ok(())
 }
 
-/// Whether two views of one shape place their elements alike (length-1 dimensions may have
-/// any stride).
-fn same_placement(a: &Meta, b: &Meta) -> bool {
+/// Whether a view has the given strides where it places elements (length-1 dimensions may
+/// have any stride).
+fn same_placement(a: &Meta, strides: &[isize]) -> bool {
     a.shape
         .iter()
-        .zip(a.strides.iter().zip(&b.strides))
+        .zip(a.strides.iter().zip(strides))
         .all(|(&n, (sa, sb))| n <= 1 || sa == sb)
 }
 

@@ -92,6 +92,20 @@ pub fn is_non_overlapping(shape: &[usize], strides: &[isize]) -> bool {
     true
 }
 
+/// The strides of a contiguous (row-major) view of `shape`, in elements.
+///
+/// ```
+/// use rustadam::layout::row_major_strides;
+/// assert_eq!(row_major_strides(&[2, 3, 4]), vec![12, 4, 1]);
+/// ```
+pub fn row_major_strides(shape: &[usize]) -> Vec<isize> {
+    let mut strides = vec![1isize; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        strides[d] = strides[d + 1].saturating_mul(shape[d + 1].max(1) as isize);
+    }
+    strides
+}
+
 /// The dimensions of a dense view from the largest stride to the smallest (length-1 dimensions
 /// first): visiting them in this order, row-major, walks its memory in increasing order.
 ///
