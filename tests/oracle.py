@@ -1,4 +1,4 @@
-"""A float64 numpy oracle of the Adam update in SPEC.md, written from the specification alone.
+"""A float64 numpy oracle of the Adam update (docs/NUMERICS.md), written from the update rule alone.
 
 Per parameter with a gradient, in this order (t counts that parameter's own updates):
 
@@ -42,7 +42,8 @@ def decay(
     weight_decouple: bool,
     absolute: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """SPEC.md's ``WeightDecay.__call__``; returns new (param, grad) arrays, inputs untouched."""
+    """``WeightDecay.__call__`` (docs/NUMERICS.md); returns new (param, grad) arrays, inputs
+    untouched."""
     wd = group["weight_decay"]
     if weight_decouple:
         factor = 1.0 - wd if absolute else 1.0 - group["lr"] * wd
@@ -73,7 +74,7 @@ def update(
 
 
 class AdamOracle:
-    """Adam over groups of float64 arrays, exactly as SPEC.md writes it.
+    """Adam over groups of float64 arrays, exactly as docs/NUMERICS.md writes it.
 
     ``groups``: dicts with ``params`` (arrays, copied to float64) and fully resolved ``lr``,
     ``betas``, ``eps``, ``weight_decay`` (and anything a subclass's hooks read).

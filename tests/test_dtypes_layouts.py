@@ -2,7 +2,7 @@
 
 Each step is checked on its own: from the optimizer's own state before the step, the oracle
 computes the step in float64 (float32 and float64 tensors) or in float32 rounded once to the
-stored dtype (bfloat16 and float16, as SPEC.md's numerical notes say they are computed).
+stored dtype (bfloat16 and float16, as docs/NUMERICS.md says they are computed).
 """
 
 from __future__ import annotations
@@ -80,10 +80,10 @@ def as_real64(t: torch.Tensor) -> np.ndarray:
 
 
 def oracle_step(p, g, m, v, t, lr, betas, eps, wd, mode, optimized, compute, store=None):
-    """SPEC.md's per-parameter step on numpy arrays in `compute` precision.
+    """The per-parameter step of docs/NUMERICS.md on numpy arrays in `compute` precision.
 
-    `store` rounds the weight decay's result to the stored dtype (SPEC: the decay is its own
-    step in the tensor's dtype); None for float32/float64. Also returns the magnitudes the
+    `store` rounds the weight decay's result to the stored dtype (docs/NUMERICS.md: the decay is
+    its own step in the tensor's dtype); None for float32/float64. Also returns the magnitudes the
     rounding errors scale with: of the terms summed into m and
     v, and of the step computed from them.
     """
@@ -144,7 +144,7 @@ def check_step(before, after, dtype, hp, backend):
     p1, m1, v1 = after
     if dtype in HALF:
         # float32 computation, one rounding to the stored dtype: within one unit in its last place.
-        # The decay is its own step, rounded to the stored dtype, on every path (SPEC).
+        # The decay is its own step, rounded to the stored dtype, on every path (docs/NUMERICS.md).
         def store(x):
             t16 = torch.from_numpy(np.asarray(x, dtype=np.float32)).to(dtype)
             return as_real64(t16).astype(np.float32)

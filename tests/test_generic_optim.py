@@ -2,7 +2,7 @@
 
 Where a check is about values (lr=1e-28, zero gradients, untouched parameters) it is exact; where
 it is about training (Rosenbrock, an MLP) the loss must go down, and layouts and the parameter
-groups added later are compared against the float64 oracle of SPEC.md or against each other.
+groups added later are compared against the float64 oracle (docs/NUMERICS.md) or each other.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``Adam(..., gradient_release=True)`` (issue 14): each parameter is stepped inside backward.
+"""``Adam(..., gradient_release=True)``: each parameter is stepped inside backward.
 
 A training step is just ``loss.backward()``: as each parameter's gradient is complete the
 optimizer steps it and sets ``p.grad = None``. ``step()`` only runs a closure (and returns its

@@ -27,7 +27,7 @@ TOL = {np.float64: dict(rtol=1e-12, atol=1e-14), np.float32: dict(rtol=1e-5, ato
 
 def oracle_step(p, g, m, v, t, *, lr, betas, eps, weight_decay, weight_decouple, absolute,
                 optimized_update):  # fmt: skip
-    """SPEC.md's update in float64, returning new (p, m, v)."""
+    """The update rule (docs/NUMERICS.md) in float64, returning new (p, m, v)."""
     p, g, m, v = (np.array(x, dtype=np.float64) for x in (p, g, m, v))
     b1, b2 = betas
     if weight_decouple:

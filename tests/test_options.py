@@ -1,4 +1,4 @@
-"""maximize, amsgrad, group options, a number as weight_decay and validation (issue 12, 2-4, 6).
+"""maximize, amsgrad, group options, a number as weight_decay and validation.
 
 Oracles:
 

@@ -1,4 +1,4 @@
-"""Both backends against the float64 oracle of SPEC.md, and against each other."""
+"""Both backends against the float64 oracle of docs/NUMERICS.md, and against each other."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def tolerance(dtype: torch.dtype, n: int, scale: float, lr: float, betas: tuple)
     float32: each step rounds the stored θ (2^-24·|θ|), and the step α·m/√v carries the
     relative error of float32 moments (a few 2^-24: the moving averages forget old rounding
     errors, so it does not grow with n). Linear accumulation of 4·2^-24·|θ| + 32·2^-24·|Δ| per
-    step, with |Δ| ≤ α·max(1, (1 − β1)/√(1 − β2)) (SPEC's bound on the step), bounds it; the
+    step, with |Δ| ≤ α·max(1, (1 − β1)/√(1 − β2)) (the README's bound on the step), bounds it; the
     largest error seen on these problems is a quarter of it (float64: 1/75). A wrong bias
     correction, ε placement, decay or step count moves θ by ≥ 1e-4 per affected step, orders
     of magnitude above this bound (test_problem_tells_every_formula_apart).

@@ -1,14 +1,14 @@
-"""Every CPU path of ``rustadam.Adam`` computes NUMERICS.md bit for bit (issue 12, point 1).
+"""Every CPU path of ``rustadam.Adam`` computes docs/NUMERICS.md bit for bit.
 
 ``backend="auto"`` (the Rust core), ``backend="torch"`` (per-parameter torch ops, what CUDA
 tensors and subclasses that override a per-parameter method use) and ``backend="foreach"``
 (``rustadam._foreach``) step identical copies of the same parameters with the same gradients;
 after every step the parameters, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq``) of the
 three must be the same bits. Each path rounds a 16-bit weight decay to the storage dtype as
-its own step, computes the moments and the update in float32 with fma where NUMERICS.md has
+its own step, computes the moments and the update in float32 with fma where docs/NUMERICS.md has
 one, and takes a correctly rounded square root, so parameters agree too, not only moments.
 
-The 16-bit cases are the issue's: a million elements, bfloat16 and float16, every decay mode
+The 16-bit cases: a million elements, bfloat16 and float16, every decay mode
 with λ = 0.1, lr = 0.5, both bias-correction forms, several steps. Gradients mix ordinary
 values, exact zeros, float16 subnormals and large values, and change every step.
 """

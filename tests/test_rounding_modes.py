@@ -1,6 +1,6 @@
-"""``rounding="stochastic"`` and ``"kahan"`` for 16-bit parameters (issue 14).
+"""``rounding="stochastic"`` and ``"kahan"`` for 16-bit parameters.
 
-- the issue's fit: 8,192 bfloat16 weights from 1.0 to targets in [1.0, 1.1] at lr 1e-4 never
+- the fit: 8,192 bfloat16 weights from 1.0 to targets in [1.0, 1.1] at lr 1e-4 never
   move with round-to-nearest; both modes reach at most a third of its error, on every backend;
 - bit-identical results for every thread count of the Rust core and on every backend;
 - a checkpoint resumes bit for bit (the compensation buffer is saved; stochastic rounding is
@@ -54,7 +54,7 @@ def _assert_same_state(opt_a: Adam, params_a, opt_b: Adam, params_b, what: str) 
                 assert sa[key] == sb[key], (what, k, key)
 
 
-# ---- (a) the issue's fit ---------------------------------------------------------------------
+# ---- (a) the fit ---------------------------------------------------------------------
 
 N_FIT = 8192
 FIT_LR = 1e-4

@@ -1,7 +1,7 @@
 """LR schedulers and tensor learning rates.
 
 Schedulers write ``group['lr']`` (and OneCycleLR ``group['betas']``) between steps; rustadam reads
-them at every step. The oracle is the float64 Adam of SPEC.md (tests/oracle.py) fed, step by
+them at every step. The oracle is the float64 Adam (tests/oracle.py) fed, step by
 step, the learning rate in closed form (StepLR, CosineAnnealingLR) or the values the scheduler
 left in the group (OneCycleLR, ReduceLROnPlateau), with gradients drawn in advance so that the
 oracle needs nothing from the optimizer under test.

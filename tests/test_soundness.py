@@ -1,4 +1,4 @@
-"""Soundness of the glue between torch and the Rust core (issue 11): stale metadata, objects the
+"""Soundness of the glue between torch and the Rust core: stale metadata, objects the
 extension must refuse by type, all-or-nothing steps, overlapping parameters, numpy aliasing,
 autograd version counters, memory the optimizer no longer needs, and the torch path.
 

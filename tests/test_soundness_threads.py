@@ -1,4 +1,4 @@
-"""Soundness under threads and processes (issue 11): memory freed by another thread while the GIL
+"""Soundness under threads and processes: memory freed by another thread while the GIL
 is released, concurrent steps, bounded thread pools, fork. Each case runs in its own subprocess
 (``_attacks.run_case``) with a timeout, so a crash or a hang fails one test."""
 

@@ -1,8 +1,8 @@
-"""A stateful property test (issue 11): sequences of steps, zero_grad, `.data` surgery, state
+"""A stateful property test: sequences of steps, zero_grad, `.data` surgery, state
 replacement, added and removed groups and loaded state dicts, on a rustadam Adam and on a
 ``backend="torch"`` twin over identical float32 parameters; after every step both agree with each
-other and with the float64 oracle of SPEC.md (one step from the state before it), and after every
-refused operation nothing changed. RUSTADAM_PROPERTY_EXAMPLES scales it up."""
+other and with the float64 oracle (one step from the state before it), and after every refused
+operation nothing changed. RUSTADAM_PROPERTY_EXAMPLES scales it up."""
 
 from __future__ import annotations
 

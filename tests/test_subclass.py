@@ -155,7 +155,7 @@ def test_warmup_get_lr(optimized_update: bool, backend: str) -> None:
         [{"params": ps[:2]}, {"params": ps[2:], "lr": 5e-2, "warmup": 25, "betas": (0.8, 0.99)}],
         lr=2e-2,
         eps=1e-8,
-        # Decoupled decay uses group['lr'], not the warmed-up α (SPEC: θ·(1 − lr·λ)).
+        # Decoupled decay uses group['lr'], not the warmed-up α (docs/NUMERICS.md: θ·(1 − lr·λ)).
         weight_decay=WeightDecay(0.1),
         optimized_update=optimized_update,
         backend=backend,

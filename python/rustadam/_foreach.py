@@ -1,4 +1,4 @@
-"""The multi-tensor torch path: NUMERICS.md's Adam with ``torch._foreach_*`` ops, any device.
+"""The multi-tensor torch path: docs/NUMERICS.md's Adam with ``torch._foreach_*`` ops, any device.
 
 One call steps many parameters; tensors are grouped by (device, dtype) and every group runs a
 fixed sequence of foreach ops, with per-tensor scalar lists where a value depends on the
@@ -58,7 +58,7 @@ def round_to(x: float, dtype: torch.dtype) -> float:
 
 
 def hyper(cfg: Any, step: int) -> dict[str, float]:
-    """The float64 per-step scalars of NUMERICS.md: step_size and √bc2 of update ``step``."""
+    """The float64 per-step scalars of docs/NUMERICS.md: step_size and √bc2 of update ``step``."""
     bc1 = 1.0 - cfg.beta1**step
     bc2 = 1.0 - cfg.beta2**step
     sqrt_bc2 = math.sqrt(bc2)
@@ -90,7 +90,7 @@ def foreach_adam(
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
-    """One Adam step of every parameter in the lists, in place (NUMERICS.md, bit for bit).
+    """One Adam step of every parameter in the lists, in place (docs/NUMERICS.md, bit for bit).
 
     Lists are aligned per parameter. ``steps[i]`` is t after this update (>= 1);
     ``max_exp_avg_sqs`` is given iff ``cfg.amsgrad``; ``compensations`` iff

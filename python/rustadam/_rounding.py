@@ -1,4 +1,4 @@
-"""Bit-exact rounding helpers shared by the torch paths (NUMERICS.md).
+"""Bit-exact rounding helpers shared by the torch paths (docs/NUMERICS.md).
 
 - the counter-based hash of stochastic rounding (:func:`mix`, :func:`key`, :func:`hash_index`)
   and :func:`stochastic_round`, on int64 tensors holding uint32 values;
@@ -41,7 +41,7 @@ __all__ = [
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """C of NUMERICS.md: float64 for float64, float32 for every other real dtype."""
+    """C of docs/NUMERICS.md: float64 for float64, float32 for every other real dtype."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -60,7 +60,7 @@ def mix_int(x: int) -> int:
 
 
 def mix(x: torch.Tensor) -> torch.Tensor:
-    """The 32-bit finaliser of NUMERICS.md on an int64 tensor of values in [0, 2**32).
+    """The 32-bit finaliser of docs/NUMERICS.md on an int64 tensor of values in [0, 2**32).
 
     ``x ^= x >> 16; x *= M1; x ^= x >> 15; x *= M2; x ^= x >> 16`` with uint32 wrapping. The
     multipliers are below 2**31, so ``x * M`` stays below 2**63 and int64 holds it exactly
@@ -127,7 +127,7 @@ def element_index(t: torch.Tensor) -> torch.Tensor:
 def stochastic_round(
     x32: torch.Tensor, dtype: torch.dtype, seed: int, step: int, index: torch.Tensor
 ) -> torch.Tensor:
-    """Rounds the float32 tensor ``x32`` to ``dtype`` stochastically, bit for bit as NUMERICS.md.
+    """Rounds the float32 tensor ``x32`` to ``dtype`` stochastically, as docs/NUMERICS.md says.
 
     With r = :func:`hash_index` (key(seed, step), index) and a = |x| (the sign is put back):
 

@@ -1,5 +1,5 @@
 # ruff: noqa: ANN001  (triton reads annotations of @triton.jit arguments as their types)
-"""The Triton path: NUMERICS.md's Adam as one kernel launch per (device, dtype) over all tensors.
+"""The Triton path: docs/NUMERICS.md's Adam, one kernel launch per (device, dtype) for all tensors.
 
 Design:
 
@@ -18,7 +18,7 @@ Design:
   prefix sum, casts the table's int64 addresses to typed pointers and makes one pass over its
   ``BLOCK`` elements: reads θ, g, m, v once and writes θ, m, v once.
 - Math in C with one rounding to the storage dtype E, ``tl.sqrt_rn``/``tl.div_rn`` for the
-  square root and divisions and ``tl.fma`` exactly where NUMERICS.md has an fma; the kernel is
+  square root and divisions and ``tl.fma`` exactly where docs/NUMERICS.md has an fma; the kernel is
   compiled with ``enable_fp_fusion=False`` so that no other multiply-add is contracted.
 - ``grad_scale`` and ``found_inf`` are read from device memory by the kernel (no host sync): a
   nonzero ``found_inf`` masks every store.

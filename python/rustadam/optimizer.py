@@ -843,7 +843,7 @@ def _local_shards(
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    """16-bit floats are computed in float32 (SPEC: rounded once when stored); others as they are.
+    """16-bit floats are computed in float32 and rounded once when stored (docs/NUMERICS.md).
 
     float16 cannot even hold the default eps (1e-16 rounds to 0), so a zero gradient would give
     0/0 in float16 arithmetic.

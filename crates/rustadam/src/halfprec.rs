@@ -69,7 +69,7 @@ pub(crate) fn f32_to_f16(x: f32) -> f16 {
     f16::from_bits(out | sign)
 }
 
-/// Stochastic rounding to bfloat16 with random bits `r` (NUMERICS.md): adding 16 random low
+/// Stochastic rounding to bfloat16 with random bits `r` (docs/NUMERICS.md): adding 16 random low
 /// bits before truncating rounds up with probability equal to the distance from the lower
 /// neighbour. Infinities and NaN round to nearest.
 #[inline(always)]
@@ -85,7 +85,7 @@ pub(crate) fn f32_to_bf16_stochastic(x: f32, r: u32) -> bf16 {
     }
 }
 
-/// Stochastic rounding to binary16 with random bits `r` (NUMERICS.md). Normal results drop
+/// Stochastic rounding to binary16 with random bits `r` (docs/NUMERICS.md). Normal results drop
 /// 13 mantissa bits after adding 13 random ones; subnormal results (spacing 2^-24) round up
 /// when 16 random bits fall below the fraction. Infinities and NaN round to nearest.
 #[inline(always)]

@@ -135,7 +135,7 @@ impl_half_element!(
 const M1: u32 = 0x7FEB_352D;
 const M2: u32 = 0x2C1B_3C6D;
 
-/// The integer hash of stochastic rounding (NUMERICS.md), on wrapping `u32` arithmetic, so
+/// The integer hash of stochastic rounding (docs/NUMERICS.md), on wrapping `u32` arithmetic, so
 /// every path (CPU, torch ops, GPU) draws the same bits.
 #[inline(always)]
 pub fn mix(mut x: u32) -> u32 {
@@ -148,7 +148,7 @@ pub fn mix(mut x: u32) -> u32 {
 }
 
 /// The per-tensor, per-step key of stochastic rounding: a hash of the tensor's `seed` and the
-/// update count `t` (both taken mod 2^32 where NUMERICS.md says so).
+/// update count `t` (both taken mod 2^32 where docs/NUMERICS.md says so).
 pub fn stochastic_key(seed: u64, t: u64) -> u32 {
     mix(mix(mix(seed as u32) ^ (seed >> 32) as u32) ^ t as u32)
 }
@@ -159,12 +159,12 @@ pub fn stochastic_bits(key: u32, index: u64) -> u32 {
     mix(key ^ mix(index as u32))
 }
 
-/// Rounds `x` to bfloat16 stochastically with the random bits `r` (NUMERICS.md).
+/// Rounds `x` to bfloat16 stochastically with the random bits `r` (docs/NUMERICS.md).
 pub fn round_bf16_stochastic(x: f32, r: u32) -> half::bf16 {
     crate::halfprec::f32_to_bf16_stochastic(x, r)
 }
 
-/// Rounds `x` to binary16 stochastically with the random bits `r` (NUMERICS.md).
+/// Rounds `x` to binary16 stochastically with the random bits `r` (docs/NUMERICS.md).
 pub fn round_f16_stochastic(x: f32, r: u32) -> half::f16 {
     crate::halfprec::f32_to_f16_stochastic(x, r)
 }
@@ -320,7 +320,7 @@ pub(crate) struct Bufs<'a, E> {
 /// The element-wise update, in the operation order of the reference torch ops
 /// (`grad.add(param, alpha=λ)`, `m.mul_(β1).add_(g, alpha=1−β1)`,
 /// `v.mul_(β2).addcmul_(g, g, value=1−β2)`, `param.addcdiv_(m, denom, value=−step_size)`);
-/// NUMERICS.md gives each rounding.
+/// docs/NUMERICS.md gives each rounding.
 #[inline(always)]
 fn body<
     E: Element,

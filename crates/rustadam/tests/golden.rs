@@ -1,4 +1,5 @@
-//! Golden values: the optimizer against numbers produced by SPEC.md's update rule in float64.
+//! Golden values: the optimizer against numbers produced by the update rule
+//! (docs/NUMERICS.md) in float64.
 //!
 //! Five elements (one with a zero gradient throughout, one starting at zero) take four updates
 //! with the gradients `G` below, for both bias-correction forms, every weight-decay mode and two

@@ -20,7 +20,8 @@ impl Rng {
     }
 }
 
-/// SPEC.md's update in float64, written out step by step, independent of the kernel's code.
+/// The update rule (docs/NUMERICS.md) in float64, written out step by step, independent of
+/// the kernel's code.
 fn oracle_step(cfg: &AdamConfig, t: u64, p: &mut [f64], g: &[f64], m: &mut [f64], v: &mut [f64]) {
     let (b1, b2) = (cfg.beta1, cfg.beta2);
     let bc1 = 1.0 - b1.powf(t as f64);

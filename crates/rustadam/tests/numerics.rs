@@ -1,5 +1,5 @@
 //! The options beyond the reference (maximize, AMSGrad, stochastic and Kahan rounding, the
-//! 16-bit weight-decay rounding) against independent scalar transcriptions of NUMERICS.md, and
+//! 16-bit weight-decay rounding) against independent scalar transcriptions of docs/NUMERICS.md, and
 //! the checks around them (buffers, thread pools).
 
 use rustadam::kernel::stochastic_key;
@@ -62,7 +62,7 @@ fn opts(threads: usize, simd: Option<SimdLevel>, chunk_len: usize) -> ExecOption
 // ---------------------------------------------------------------------------------------------
 // maximize and AMSGrad in float64, against the formulas written out in plain f64.
 
-/// One update of NUMERICS.md in f64, with torch.optim.Adam's maximize and AMSGrad.
+/// One update of docs/NUMERICS.md in f64, with torch.optim.Adam's maximize and AMSGrad.
 #[allow(clippy::too_many_arguments)]
 fn oracle_f64(
     cfg: &AdamConfig,
@@ -182,7 +182,7 @@ fn amsgrad_max_propagates_nan() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 16-bit tensors: an exact scalar transcription of NUMERICS.md, with the `half` crate's
+// 16-bit tensors: an exact scalar transcription of docs/NUMERICS.md, with the `half` crate's
 // conversions and a stochastic rounding written from the spec, not the crate's code.
 
 trait Half: Copy + PartialEq + std::fmt::Debug
@@ -191,11 +191,11 @@ where
 {
     fn to32(self) -> f32;
     fn from32(x: f32) -> Self;
-    /// NUMERICS.md's stochastic rounding.
+    /// docs/NUMERICS.md's stochastic rounding.
     fn sround(x: f32, r: u32) -> Self;
 }
 
-/// NUMERICS.md's hash, written again here.
+/// docs/NUMERICS.md's hash, written again here.
 fn spec_mix(mut x: u32) -> u32 {
     x ^= x >> 16;
     x = x.wrapping_mul(0x7FEB352D);
@@ -269,7 +269,7 @@ struct HalfBufs<H> {
     comp: Vec<H>,
 }
 
-/// NUMERICS.md for one 16-bit tensor, element by element.
+/// docs/NUMERICS.md for one 16-bit tensor, element by element.
 #[allow(clippy::needless_range_loop)] // five buffers, one index
 fn reference_half<H: Half>(cfg: &AdamConfig, t: u64, seed: u64, b: &mut HalfBufs<H>, g: &[H])
 where
