@@ -563,7 +563,6 @@ class Adam(Optimizer):
         dtensor_steps = []  # (group, state, grad, param) stepped with torch ops on DTensors
         states_of: list[list[dict[str, Any]]] = []
         dtensor = _dtensor_type()
-        state_of = self.state
         for gi, group in groups:
             cfg = configs[gi]
             amsgrad, kahan = cfg.amsgrad, cfg.rounding == "kahan"
@@ -577,10 +576,7 @@ class Adam(Optimizer):
             positions: list[int] = []
             states: list[dict[str, Any]] = []
             for i, param, grad in self._grads(gi, group, only):
-                state = state_of[param]
-                if not state:
-                    created.append(param)
-                    self.init_state(state, group, param)
+                state = self._state(group, param, created)
                 # The buffers the core steps (a DTensor's local shards where it has them).
                 bp, bg, m, v = param, grad, state["exp_avg"], state["exp_avg_sq"]
                 sharded = dtensor is not None and (

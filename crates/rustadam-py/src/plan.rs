@@ -110,7 +110,7 @@ struct Item {
     step: u64,
     seed: u64,
     /// The order the kernel visits elements in: the dimensions, outermost first. It is the
-    /// parameter's memory order when it is dense, else row-major.
+    /// parameter's memory order when it is dense, else row-major; empty when nothing is copied.
     order: Vec<usize>,
     /// By `Role` order: the buffer lies in memory in `order`, so the kernel runs on it in
     /// place; the others are gathered into copies in that order (and written back).
@@ -218,17 +218,27 @@ fn check_item(item: &mut Item) -> Result<(), Problem> {
     // The kernel walks a dense parameter in its memory order and any other row-major: the
     // element index of stochastic rounding is then the one every path uses (the offset in a
     // dense parameter's memory, else the row-major index).
-    let reference: Vec<isize> = if p.is_dense() {
-        p.strides.to_vec()
+    let row_major;
+    let reference: &[isize] = if p.is_dense() {
+        &p.strides
     } else {
-        layout::row_major_strides(&p.shape)
+        row_major = layout::row_major_strides(&p.shape);
+        &row_major
     };
-    item.order = layout::memory_order(&p.shape, &reference);
-    for (direct, b) in item.direct.iter_mut().zip(&item.bufs) {
-        *direct = b
+    let mut direct = [false; 6];
+    for (d, b) in direct.iter_mut().zip(&item.bufs) {
+        *d = b
             .as_ref()
-            .is_some_and(|b| b.numel <= 1 || (b.is_dense() && same_placement(b, &reference)));
+            .is_some_and(|b| b.numel <= 1 || (b.is_dense() && same_placement(b, reference)));
     }
+    // Only copies need the order: the common case, every buffer in place, skips it.
+    let copied = item.bufs.iter().zip(direct).any(|(b, d)| b.is_some() && !d);
+    let order = if copied {
+        layout::memory_order(&p.shape, reference)
+    } else {
+        Vec::new()
+    };
+    (item.order, item.direct) = (order, direct);
     Ok(())
 }
 
