@@ -144,7 +144,7 @@ def test_storage_freed_and_reused_smaller_at_the_same_address_is_never_a_crash()
                 hits = 0
                 for attempt in range(64):
                     p.data = torch.zeros(1)   # frees the old storage
-                    gc.collect()
+                    gc.collect(0)             # (a full collection takes 0.2 s with torch)
                     small = torch.randn(n // 2)
                     if small.data_ptr() == addr:
                         hits += 1
@@ -167,7 +167,7 @@ def test_storage_freed_and_reused_smaller_at_the_same_address_is_never_a_crash()
         print("outcomes", sorted(set(outcomes)))
         print("END", bool(torch.randn(1 << 16).isfinite().all()))
         """,
-        timeout=60,
+        timeout=240,
     )
     assert out.strip().splitlines()[-1] == "END True", out
     # Every step had a gradient or a state of the old size: nothing meaningful could run.

@@ -9,8 +9,8 @@ module appears here with the same parameters, and nothing else does. Sections:
 - the numpy entry points (``numpy_api.rs``).
 """
 
-from collections.abc import Sequence
-from typing import Literal, Optional, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -114,6 +114,19 @@ def plan(groups: Sequence[GroupInput], *, strict: bool = False) -> Plan:
     sharing memory, an expanded written buffer, a view outside its storage), or with ``strict``
     for one the core does not take (another device or dtype, a negative or conjugate view).
     """
+
+def step_plain(
+    groups: Sequence[tuple[Config, list[torch.Tensor]]],
+    state: Mapping[torch.Tensor, dict[str, Any]],
+    *,
+    seed: int,
+    num_threads: int,
+) -> Optional[list[torch.Tensor]]:
+    """One step of ``rustadam.Adam`` when every parameter is plain: exact tensors, each with a
+    gradient already has its state (an int ``step`` and the moments; ``max_exp_avg_sq`` with
+    amsgrad), and the core takes every buffer. Gathers every group's lists from the
+    parameters' ``.grad`` and ``state``, plans, steps and advances the step counts; returns the
+    tensors it wrote. Returns None having changed nothing otherwise."""
 
 def adam_step(
     params: Sequence[torch.Tensor],

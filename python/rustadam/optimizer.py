@@ -420,6 +420,23 @@ class Adam(Optimizer):
             groups = [groups[only[0]]]
         configs = {gi: self._config(gi, g) for gi, g in groups}
         per_param = self.backend == "torch" or self._per_param_methods()
+        if (
+            not per_param
+            and only is None
+            and self.backend in ("auto", "rust")
+            and getattr(self, "grad_scale", None) is None
+        ):
+            # The usual step in one call; None (nothing changed) where anything is unusual.
+            written = _core.step_plain(
+                [(configs[gi], g["params"]) for gi, g in groups],
+                self.state,
+                seed=self.seed,
+                num_threads=functional.threads(self.num_threads),
+            )
+            if written is not None:
+                if written:
+                    torch._C._increment_version(written)
+                return
         created: list[torch.Tensor] = []
         try:
             if per_param:

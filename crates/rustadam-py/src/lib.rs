@@ -7,6 +7,7 @@
 
 mod config;
 mod dlpack;
+mod gather;
 mod numpy_api;
 mod openmp;
 mod plan;
@@ -88,6 +89,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     openmp::watch_fork();
     m.add_function(wrap_pyfunction!(plan::plan, m)?)?;
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
+    m.add_function(wrap_pyfunction!(gather::step_plain, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_class::<plan::Plan>()?;
     m.add_class::<config::Config>()?;

@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 use rustadam::layout::{self, Span};
 use rustadam::{bf16, f16, AdamConfig, AnyTensor, Element, ExecOptions, Rounding, TensorRefs};
+use smallvec::SmallVec;
 
 use crate::config::Config;
 use crate::registry;
@@ -138,15 +139,15 @@ pub(crate) struct Plan {
 
 /// A group's lists, as the Python side passes them (a tuple in this order).
 pub(crate) struct GroupInput<'py> {
-    config: Bound<'py, Config>,
-    params: Vec<Bound<'py, PyAny>>,
-    grads: Vec<Bound<'py, PyAny>>,
-    exp_avgs: Vec<Bound<'py, PyAny>>,
-    exp_avg_sqs: Vec<Bound<'py, PyAny>>,
-    max_exp_avg_sqs: Option<Vec<Bound<'py, PyAny>>>,
-    compensations: Option<Vec<Option<Bound<'py, PyAny>>>>,
-    steps: Vec<u64>,
-    seeds: Vec<u64>,
+    pub(crate) config: Bound<'py, Config>,
+    pub(crate) params: Vec<Bound<'py, PyAny>>,
+    pub(crate) grads: Vec<Bound<'py, PyAny>>,
+    pub(crate) exp_avgs: Vec<Bound<'py, PyAny>>,
+    pub(crate) exp_avg_sqs: Vec<Bound<'py, PyAny>>,
+    pub(crate) max_exp_avg_sqs: Option<Vec<Bound<'py, PyAny>>>,
+    pub(crate) compensations: Option<Vec<Option<Bound<'py, PyAny>>>>,
+    pub(crate) steps: Vec<u64>,
+    pub(crate) seeds: Vec<u64>,
 }
 
 /// An error naming the group, parameter and reason, as a Python `rustadam._core.StepError`.
@@ -201,35 +202,45 @@ fn check_item(item: &mut Item) -> Result<(), Problem> {
             return Err(Problem::ShapeMismatch(r));
         }
     }
+    // Dense buffers (the usual case) cannot overlap themselves: one layout test each.
+    let mut dense = [false; 6];
     for &r in &Role::ALL {
         let Some(b) = item.buf(r) else { continue };
-        if r.written() && b.numel > 1 && !layout::is_non_overlapping(&b.shape, &b.strides) {
+        dense[r as usize] = b.is_dense();
+        if r.written()
+            && b.numel > 1
+            && !dense[r as usize]
+            && !layout::is_non_overlapping(&b.shape, &b.strides)
+        {
             return Err(Problem::SelfOverlap(r));
         }
     }
-    let spans: Vec<(Role, Span)> = Role::ALL
-        .iter()
-        .filter_map(|&r| item.buf(r).map(|b| (r, span(r, b))))
-        .collect();
-    let only: Vec<Span> = spans.iter().map(|s| s.1).collect();
-    if let Some(&(a, b)) = layout::conflicts(&only).first() {
-        return Err(Problem::SharedWith(spans[b].0, spans[a].0));
+    let mut roles: SmallVec<[Role; 6]> = SmallVec::new();
+    let mut spans: SmallVec<[Span; 6]> = SmallVec::new();
+    for &r in &Role::ALL {
+        if let Some(b) = item.buf(r) {
+            roles.push(r);
+            spans.push(span(r, b));
+        }
+    }
+    if let Some((a, b)) = layout::first_conflict(&spans) {
+        return Err(Problem::SharedWith(roles[b], roles[a]));
     }
     // The kernel walks a dense parameter in its memory order and any other row-major: the
     // element index of stochastic rounding is then the one every path uses (the offset in a
     // dense parameter's memory, else the row-major index).
     let row_major;
-    let reference: &[isize] = if p.is_dense() {
+    let reference: &[isize] = if dense[Role::Param as usize] {
         &p.strides
     } else {
         row_major = layout::row_major_strides(&p.shape);
         &row_major
     };
     let mut direct = [false; 6];
-    for (d, b) in direct.iter_mut().zip(&item.bufs) {
+    for (k, (d, b)) in direct.iter_mut().zip(&item.bufs).enumerate() {
         *d = b
             .as_ref()
-            .is_some_and(|b| b.numel <= 1 || (b.is_dense() && same_placement(b, reference)));
+            .is_some_and(|b| b.numel <= 1 || (dense[k] && same_placement(b, reference)));
     }
     // Only copies need the order: the common case, every buffer in place, skips it.
     let copied = item.bufs.iter().zip(direct).any(|(b, d)| b.is_some() && !d);

@@ -254,7 +254,8 @@ pub(crate) fn read(
     // The view must lie inside the storage we hold: data_ptr is the storage's base plus
     // storage_offset elements, so the bounds follow from the offsets alone.
     let storage = t.call_method0(intern!(py, "untyped_storage"))?;
-    let nbytes: usize = storage.call_method0(intern!(py, "nbytes"))?.extract()?;
+    // len() of an UntypedStorage is its size in bytes (a slot call, no method lookup).
+    let nbytes: usize = storage.len()?;
     let first = offset as isize + lo;
     let needed = (offset as isize + hi + 1) as usize * dtype.size();
     if first < 0 || needed > nbytes {

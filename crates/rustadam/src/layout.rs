@@ -4,6 +4,8 @@
 //! functions to decide, before anything is written, whether a buffer can be a slice as it is,
 //! and which buffers of a call share memory.
 
+use smallvec::SmallVec;
+
 /// The element offsets a strided view reaches, relative to its first element: `(lowest,
 /// highest)`, both inclusive, or `None` when the view has no element.
 ///
@@ -31,8 +33,9 @@ pub fn offset_range(shape: &[usize], strides: &[isize]) -> Option<(isize, isize)
 
 /// The dimensions that place elements (length > 1), as `(|stride|, length, stride)` sorted by
 /// `|stride|`.
-fn placing(shape: &[usize], strides: &[isize]) -> Vec<(usize, usize, isize)> {
-    let mut dims: Vec<(usize, usize, isize)> = shape
+fn placing(shape: &[usize], strides: &[isize]) -> SmallVec<[(usize, usize, isize); 8]> {
+    // Inline: called for every buffer of every step.
+    let mut dims: SmallVec<[(usize, usize, isize); 8]> = shape
         .iter()
         .zip(strides)
         .filter(|(&n, _)| n > 1)
@@ -211,6 +214,25 @@ pub fn conflicts(spans: &[Span]) -> Vec<(usize, usize)> {
     found
 }
 
+/// The first pair of [`conflicts`] (the smallest `(i, j)`), found without allocating: every
+/// pair is compared, so it is meant for a handful of spans (one parameter's buffers).
+///
+/// ```
+/// use rustadam::layout::{first_conflict, Span};
+/// let s = |start, end, written| Span { start, end, written };
+/// assert_eq!(first_conflict(&[s(0, 8, true), s(8, 16, true)]), None);
+/// assert_eq!(first_conflict(&[s(0, 8, false), s(20, 24, true), s(4, 22, true)]), Some((0, 2)));
+/// ```
+pub fn first_conflict(spans: &[Span]) -> Option<(usize, usize)> {
+    (0..spans.len())
+        .flat_map(|i| (i + 1..spans.len()).map(move |j| (i, j)))
+        .find(|&(i, j)| {
+            let (a, b) = (spans[i], spans[j]);
+            let overlap = a.start < a.end && b.start < b.end && a.start < b.end && b.start < a.end;
+            overlap && (a.written || b.written)
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +390,11 @@ mod tests {
                 }
             }
             assert_eq!(conflicts(&spans), expected, "{spans:?}");
+            assert_eq!(
+                first_conflict(&spans),
+                expected.first().copied(),
+                "{spans:?}"
+            );
         }
     }
 }

@@ -1,0 +1,210 @@
+//! The optimizer's usual step in one call: the lists of every group are gathered from the
+//! parameters and the optimizer's state here, where the Python loop doing the same cost more
+//! than the kernel on models of many small tensors.
+//!
+//! Only the plain case is taken: exact tensors, every parameter with a gradient already has
+//! its state, with an int step count. Anything else (or anything the plan refuses) makes the
+//! call return `None` having changed nothing, and the caller takes its general path, which
+//! makes the same checks and names what it refuses. Nothing is remembered across calls.
+
+use std::sync::OnceLock;
+
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyInt, PyList, PyType};
+use rustadam::kernel::mix;
+use rustadam::Rounding;
+
+use crate::config::Config;
+use crate::plan::{self, GroupInput};
+use crate::tensor::{self, Torch};
+use crate::threads;
+
+/// `collections.defaultdict`, the type of `Optimizer.state`; looked up once.
+fn defaultdict(py: Python<'_>) -> PyResult<&'static Py<PyType>> {
+    static TYPE: OnceLock<Py<PyType>> = OnceLock::new();
+    if let Some(t) = TYPE.get() {
+        return Ok(t);
+    }
+    let t = py
+        .import("collections")?
+        .getattr("defaultdict")?
+        .cast_into::<PyType>()?
+        .unbind();
+    Ok(TYPE.get_or_init(|| t))
+}
+
+/// A parameter's stochastic-rounding seed from the optimizer's seed and its (group, index), as
+/// `rustadam.optimizer._param_seed` computes it.
+pub(crate) fn param_seed(seed: u64, group: usize, index: usize) -> u64 {
+    // Python's mix_int takes the low 32 bits first, as these casts do.
+    seed ^ (u64::from(mix(group as u32)) << 32) ^ u64::from(mix(index as u32))
+}
+
+/// The state dict of `p` when it is plain: an exact dict with an exact-int step below
+/// 2**63 − 1 and the moments; `None` otherwise.
+struct Entry<'py> {
+    state: Bound<'py, PyDict>,
+    step: u64,
+    exp_avg: Bound<'py, PyAny>,
+    exp_avg_sq: Bound<'py, PyAny>,
+}
+
+fn entry<'py>(states: &Bound<'py, PyDict>, p: &Bound<'py, PyAny>) -> PyResult<Option<Entry<'py>>> {
+    let py = p.py();
+    let Some(state) = states.get_item(p)? else {
+        return Ok(None);
+    };
+    let Ok(state) = state.cast_into_exact::<PyDict>() else {
+        return Ok(None);
+    };
+    let Some(step) = state.get_item(intern!(py, "step"))? else {
+        return Ok(None);
+    };
+    // An exact int (not a bool, not a tensor): the general path converts or refuses others.
+    let step = match step.cast_exact::<PyInt>() {
+        Ok(i) => match i.extract::<u64>() {
+            Ok(t) if t < i64::MAX as u64 => t,
+            _ => return Ok(None),
+        },
+        Err(_) => return Ok(None),
+    };
+    let (Some(exp_avg), Some(exp_avg_sq)) = (
+        state.get_item(intern!(py, "exp_avg"))?,
+        state.get_item(intern!(py, "exp_avg_sq"))?,
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some(Entry {
+        state,
+        step,
+        exp_avg,
+        exp_avg_sq,
+    }))
+}
+
+/// One group's lists, or `None` where a parameter is not plain.
+fn group_input<'py>(
+    th: &Torch,
+    states: &Bound<'py, PyDict>,
+    gi: usize,
+    config: Bound<'py, Config>,
+    params: &Bound<'py, PyAny>,
+    seed: u64,
+    dicts: &mut Vec<(Bound<'py, PyDict>, u64)>,
+) -> PyResult<Option<GroupInput<'py>>> {
+    let py = params.py();
+    let Ok(params) = params.cast_exact::<PyList>() else {
+        return Ok(None);
+    };
+    let cfg = config.get().inner;
+    let stochastic = cfg.rounding == Rounding::Stochastic;
+    let kahan = cfg.rounding == Rounding::Kahan;
+    let mut g = GroupInput {
+        config,
+        params: Vec::with_capacity(params.len()),
+        grads: Vec::with_capacity(params.len()),
+        exp_avgs: Vec::with_capacity(params.len()),
+        exp_avg_sqs: Vec::with_capacity(params.len()),
+        max_exp_avg_sqs: cfg.amsgrad.then(Vec::new),
+        compensations: kahan.then(Vec::new),
+        steps: Vec::with_capacity(params.len()),
+        seeds: Vec::with_capacity(params.len()),
+    };
+    for (i, p) in params.iter().enumerate() {
+        if !tensor::is_exact_tensor(&p, th) {
+            return Ok(None);
+        }
+        let grad = p.getattr(intern!(py, "grad"))?;
+        if grad.is_none() {
+            continue;
+        }
+        if !tensor::is_exact_tensor(&grad, th) {
+            return Ok(None);
+        }
+        let Some(e) = entry(states, &p)? else {
+            return Ok(None);
+        };
+        if let Some(maxs) = g.max_exp_avg_sqs.as_mut() {
+            match e.state.get_item(intern!(py, "max_exp_avg_sq"))? {
+                Some(m) => maxs.push(m),
+                None => return Ok(None),
+            }
+        }
+        if let Some(comps) = g.compensations.as_mut() {
+            let c = e.state.get_item(intern!(py, "compensation"))?;
+            comps.push(c.filter(|c| !c.is_none()));
+        }
+        g.params.push(p);
+        g.grads.push(grad);
+        g.exp_avgs.push(e.exp_avg);
+        g.exp_avg_sqs.push(e.exp_avg_sq);
+        g.steps.push(e.step + 1);
+        g.seeds.push(if stochastic {
+            param_seed(seed, gi, i)
+        } else {
+            0
+        });
+        dicts.push((e.state, e.step + 1));
+    }
+    Ok(Some(g))
+}
+
+/// `step_plain(groups, state, *, seed, num_threads)`: one step of `rustadam.Adam` when every
+/// parameter is plain (see the module). `groups` is a list of `(Config, params)`, `state` the
+/// optimizer's state. Returns the tensors written (for autograd's version counters) after
+/// stepping and advancing every step count, or `None` having changed nothing.
+#[pyfunction]
+#[pyo3(signature = (groups, state, *, seed, num_threads))]
+pub(crate) fn step_plain<'py>(
+    py: Python<'py>,
+    groups: Bound<'py, PyList>,
+    state: Bound<'py, PyAny>,
+    seed: u64,
+    num_threads: usize,
+) -> PyResult<Option<Bound<'py, PyList>>> {
+    let th = tensor::torch(py)?;
+    // A dict subclass of the user's could look parameters up its own way.
+    let plain_dict =
+        state.get_type().is(defaultdict(py)?.bind(py)) || state.is_exact_instance_of::<PyDict>();
+    let Ok(states) = state.cast::<PyDict>() else {
+        return Ok(None);
+    };
+    if !plain_dict {
+        return Ok(None);
+    }
+    let mut inputs = Vec::with_capacity(groups.len());
+    let mut dicts = Vec::new();
+    for (gi, group) in groups.iter().enumerate() {
+        let (config, params): (Bound<'py, Config>, Bound<'py, PyAny>) = group.extract()?;
+        match group_input(th, states, gi, config, &params, seed, &mut dicts)? {
+            Some(g) => inputs.push(g),
+            None => return Ok(None),
+        }
+    }
+    let written = PyList::empty(py);
+    for g in &inputs {
+        for list in [&g.params, &g.exp_avgs, &g.exp_avg_sqs] {
+            for t in list {
+                written.append(t)?;
+            }
+        }
+        for t in g.max_exp_avg_sqs.iter().flatten() {
+            written.append(t)?;
+        }
+        for t in g.compensations.iter().flatten().flatten() {
+            written.append(t)?;
+        }
+    }
+    // Strict: a buffer the core does not take is refused, not deferred; the general path
+    // then finds it again and routes or names it.
+    let Ok(mut plan) = plan::build(py, inputs, true) else {
+        return Ok(None);
+    };
+    plan.run(py, threads::options(num_threads, None, None)?, false)?;
+    let key = intern!(py, "step");
+    for (d, t) in dicts {
+        d.set_item(key, t)?;
+    }
+    Ok(Some(written))
+}

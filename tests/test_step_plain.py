@@ -1,0 +1,246 @@
+"""The one-call step (``_core.step_plain``): where every parameter is plain it gives exactly the
+general path's numbers; anywhere else it changes nothing and the general path takes over, with
+the same results and the same errors."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from _attacks import assert_unchanged, snapshot
+from rustadam import Adam, WeightDecay, _core
+
+
+def _params(dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(40, generator=gen).to(dtype)
+    ps = [
+        torch.nn.Parameter(torch.randn(8, 5, generator=gen).to(dtype)),
+        torch.nn.Parameter(torch.randn(7, generator=gen).to(dtype)),
+        torch.randn(5, 8, generator=gen).to(dtype).t(),  # dense, not contiguous
+        base[::3],  # non-dense: stepped through a copy
+        torch.nn.Parameter(torch.randn(3, generator=gen).to(dtype)),  # never has a gradient
+    ]
+    for p in ps:
+        p.requires_grad_(True)
+    return ps
+
+
+def _grads(ps, k):
+    gen = torch.Generator().manual_seed(100 + k)
+    return [
+        None if i == 4 else torch.randn(p.shape, generator=gen).to(p.dtype)
+        for i, p in enumerate(ps)
+    ]
+
+
+def _run(general: bool, monkeypatch, steps=4, dtype=torch.float32, **kw):
+    ps = _params(dtype)
+    groups = [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.02, "betas": (0.8, 0.99)}]
+    opt = Adam(groups, lr=0.05, weight_decay=WeightDecay(0.1), **kw)
+    calls = []
+    real = _core.step_plain
+
+    def spy(*a, **k):
+        out = None if general else real(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(_core, "step_plain", spy)
+        for k in range(steps):
+            for p, g in zip(ps, _grads(ps, k)):
+                p.grad = g
+            opt.step()
+    return ps, opt, calls
+
+
+@pytest.mark.parametrize(
+    "dtype,kw",
+    [
+        (torch.float32, {}),
+        (torch.float64, {"amsgrad": True, "maximize": True}),
+        (torch.float32, {"optimized_update": False}),
+        (torch.bfloat16, {"rounding": "stochastic", "seed": 2**64 - 7}),
+        (torch.float16, {"rounding": "kahan"}),
+        (torch.bfloat16, {}),
+        (torch.complex64, {}),
+    ],
+)
+def test_one_call_step_is_bit_identical_to_the_general_path(monkeypatch, dtype, kw):
+    a, opt_a, calls_a = _run(False, monkeypatch, dtype=dtype, **kw)
+    b, opt_b, calls_b = _run(True, monkeypatch, dtype=dtype, **kw)
+    # The first step creates the states (general path); every later one takes the one call.
+    assert calls_a == [False, True, True, True]
+    assert calls_b == [False] * 4
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa.detach(), pb.detach())
+        sa, sb = opt_a.state.get(pa, {}), opt_b.state.get(pb, {})
+        assert set(sa) == set(sb)
+        for key in sa:
+            va, vb = sa[key], sb[key]
+            if isinstance(va, torch.Tensor):
+                assert torch.equal(va, vb), key
+            else:
+                assert va == vb and type(va) is type(vb), key
+
+
+def _stepped_opt():
+    ps = _params()
+    opt = Adam([{"params": ps[:2]}, {"params": ps[2:]}], lr=0.05)
+    for p, g in zip(ps, _grads(ps, 0)):
+        p.grad = g
+    opt.step()
+    for p, g in zip(ps, _grads(ps, 1)):
+        p.grad = g
+    return ps, opt
+
+
+def _plain(opt):
+    return _core.step_plain(
+        [(opt._config(gi, g), g["params"]) for gi, g in enumerate(opt.param_groups)],
+        opt.state,
+        seed=opt.seed,
+        num_threads=1,
+    )
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+class _Dict(dict):
+    def __getitem__(self, key):  # a lookup of the user's own
+        return super().__getitem__(key)
+
+
+def _make_unplain(case, ps, opt):
+    """One unusual thing in the last group's parameter: the general path must see it."""
+    p = ps[3]
+    s = opt.state[p]
+    if case == "bool step":
+        s["step"] = True
+    elif case == "float step":
+        s["step"] = 1.0
+    elif case == "tensor step":
+        s["step"] = torch.tensor(1.0)
+    elif case == "huge step":
+        s["step"] = 2**63 - 1
+    elif case == "negative step":
+        s["step"] = -1
+    elif case == "missing exp_avg":
+        del s["exp_avg"]
+    elif case == "state not a dict":
+        opt.state[p] = collections.OrderedDict(s)
+    elif case == "empty state":
+        opt.state[p] = {}
+    elif case == "state mapping of the user's":
+        opt.state = _Dict(opt.state)
+    elif case == "moment of another shape":
+        s["exp_avg"] = torch.zeros(2)
+    elif case == "moment is a subclass":
+        s["exp_avg"] = s["exp_avg"].clone().as_subclass(_Sub)
+    elif case == "gradient is a subclass":
+        p.grad = p.grad.clone().as_subclass(_Sub)
+    elif case == "gradient of another dtype":
+        p.grad_dtype = None  # torch refuses it otherwise
+        p.grad = p.grad.double()
+    elif case == "sparse gradient":
+        p.grad = p.grad.to_sparse()
+    elif case == "negative view":
+        s["exp_avg_sq"] = (-s["exp_avg_sq"])._neg_view()  # reads as v
+    elif case == "moments share memory":
+        s["exp_avg_sq"] = s["exp_avg"]
+    elif case == "params not a list":
+        opt.param_groups[1]["params"] = tuple(opt.param_groups[1]["params"])
+    else:
+        raise AssertionError(case)
+
+
+CASES = [
+    "bool step",
+    "float step",
+    "tensor step",
+    "huge step",
+    "negative step",
+    "missing exp_avg",
+    "state not a dict",
+    "empty state",
+    "state mapping of the user's",
+    "moment of another shape",
+    "moment is a subclass",
+    "gradient is a subclass",
+    "gradient of another dtype",
+    "sparse gradient",
+    "negative view",
+    "moments share memory",
+    "params not a list",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_anything_unusual_leaves_the_one_call_with_nothing_changed(case):
+    ps, opt = _stepped_opt()
+    _make_unplain(case, ps, opt)
+    snap = snapshot(opt)
+    assert _plain(opt) is None
+    assert_unchanged(opt, snap, case)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_general_path_then_does_what_it_always_did(monkeypatch, case):
+    """Same outcome (values or error message) with the one call as with the general path
+    alone."""
+    outcomes = []
+    for general in (False, True):
+        ps, opt = _stepped_opt()
+        _make_unplain(case, ps, opt)
+        if general:
+            monkeypatch.setattr(_core, "step_plain", lambda *a, **k: None)
+        try:
+            opt.step()
+            outcomes.append(("stepped", [p.detach().clone() for p in ps]))
+        except Exception as e:
+            outcomes.append((type(e).__name__, str(e)))
+        monkeypatch.undo()
+    (ka, va), (kb, vb) = outcomes
+    assert ka == kb, outcomes
+    if ka == "stepped":
+        assert all(torch.equal(x, y) for x, y in zip(va, vb))
+    else:
+        assert va == vb
+
+
+def test_one_call_is_all_or_nothing_across_groups():
+    """A refusal in the last group, found after the first group was read, changes nothing."""
+    ps, opt = _stepped_opt()
+    opt.state[ps[4]]  # a parameter without a gradient may have an empty state: not read
+    opt.state[ps[3]]["exp_avg"] = torch.zeros(99)
+    snap = snapshot(opt)
+    assert _plain(opt) is None
+    assert_unchanged(opt, snap)
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[1\].*exp_avg"):
+        opt.step()
+    assert_unchanged(opt, snap)
+
+
+def test_one_call_bumps_versions_and_steps_counts():
+    ps, opt = _stepped_opt()
+    before = [p._version for p in ps]
+    moments = [opt.state[p]["exp_avg"]._version for p in ps[:4]]
+    written = _plain(opt)
+    assert written is not None
+    # Parameters and moments are in the list; gradients (only read) are not.
+    ids = {id(t) for t in written}
+    assert all(id(p) in ids for p in ps[:4]) and id(ps[4]) not in ids
+    assert all(id(p.grad) not in ids for p in ps[:4])
+    assert [opt.state[p]["step"] for p in ps[:4]] == [2, 2, 2, 2]
+    assert "step" not in opt.state.get(ps[4], {})
+    opt.zero_grad()
+    for p, g in zip(ps, _grads(ps, 2)):
+        p.grad = g
+    opt.step()  # through the optimizer: the versions move
+    assert all(p._version > v for p, v in zip(ps[:4], before))
+    assert all(opt.state[p]["exp_avg"]._version > v for p, v in zip(ps[:4], moments))
