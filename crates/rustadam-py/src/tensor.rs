@@ -42,6 +42,12 @@ pub(crate) struct Torch {
     tensor: Py<PyType>,
     parameter: Py<PyType>,
     strided: Py<PyAny>,
+    /// `torch.Tensor`'s own methods, called with the tensor: an exact tensor's lookup finds
+    /// them, and calling them directly skips the lookup (read for every buffer of every step).
+    is_neg: Py<PyAny>,
+    is_conj: Py<PyAny>,
+    storage_offset: Py<PyAny>,
+    untyped_storage: Py<PyAny>,
     /// (torch dtype, element type, complex: each element is a pair of reals)
     dtypes: Vec<(Py<PyAny>, DType, bool)>,
 }
@@ -63,8 +69,13 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
     ] {
         dtypes.push((m.getattr(name)?.unbind(), dtype, complex));
     }
+    let tensor = m.getattr("Tensor")?;
     let t = Torch {
-        tensor: m.getattr("Tensor")?.cast_into::<PyType>()?.unbind(),
+        is_neg: tensor.getattr("is_neg")?.unbind(),
+        is_conj: tensor.getattr("is_conj")?.unbind(),
+        storage_offset: tensor.getattr("storage_offset")?.unbind(),
+        untyped_storage: tensor.getattr("untyped_storage")?.unbind(),
+        tensor: tensor.cast_into::<PyType>()?.unbind(),
         parameter: m
             .getattr("nn")?
             .getattr("Parameter")?
@@ -216,13 +227,13 @@ pub(crate) fn read(
             (ptr, dtype, complex, shape, strides)
         }
     };
-    if t.call_method0(intern!(py, "is_neg"))?.extract::<bool>()? {
+    if th.is_neg.bind(py).call1((t,))?.extract::<bool>()? {
         return Ok(Err(Refusal::NegView));
     }
-    if complex && t.call_method0(intern!(py, "is_conj"))?.extract::<bool>()? {
+    if complex && th.is_conj.bind(py).call1((t,))?.extract::<bool>()? {
         return Ok(Err(Refusal::ConjView));
     }
-    let mut offset: usize = t.call_method0(intern!(py, "storage_offset"))?.extract()?;
+    let mut offset: usize = th.storage_offset.bind(py).call1((t,))?.extract()?;
     if complex {
         // A complex tensor is a real one with a trailing dimension (re, im) of stride 1.
         strides.iter_mut().for_each(|s| *s *= 2);
@@ -253,7 +264,7 @@ pub(crate) fn read(
     }
     // The view must lie inside the storage we hold: data_ptr is the storage's base plus
     // storage_offset elements, so the bounds follow from the offsets alone.
-    let storage = t.call_method0(intern!(py, "untyped_storage"))?;
+    let storage = th.untyped_storage.bind(py).call1((t,))?;
     // len() of an UntypedStorage is its size in bytes (a slot call, no method lookup).
     let nbytes: usize = storage.len()?;
     let first = offset as isize + lo;
