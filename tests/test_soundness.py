@@ -577,3 +577,47 @@ def test_errors_name_the_parameter_by_its_name_when_the_group_has_param_names():
     set_grad(b, torch.randn(4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match=r"layer\.bias"):
         opt.step()
+
+
+@pytest.mark.parametrize("backend", ["auto", "rust"])
+def test_a_torch_function_mode_cannot_answer_the_metadata_reads(backend):
+    """An active TorchFunctionMode sees every Tensor method call unless torch function is
+    disabled. One that says every storage_offset is 0 would make a view past its shrunk storage
+    look inside it; the reads must not ask it, so the step is refused and nothing is written."""
+    out = run_case(
+        rf"""
+        from torch.overrides import TorchFunctionMode
+        from rustadam import Adam
+
+        class Lying(TorchFunctionMode):
+            asked = []
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                name = getattr(func, "__name__", "")
+                Lying.asked.append(name)
+                if name == "storage_offset":
+                    return 0
+                return func(*args, **(kwargs or {{}}))
+
+        base = torch.zeros(1 << 16)
+        p = base[(1 << 16) - 1000:]            # the last 1,000 elements
+        opt = Adam([p], lr=0.1, backend={backend!r})
+        p.grad = torch.ones(1000)
+        opt.step()
+        base.untyped_storage().resize_(((1 << 16) - 500) * 4)   # p now reaches past its end
+        guard = torch.randn(1 << 12)            # memory after the shrunk block, kept
+        before = guard.clone()
+        with Lying():
+            try:
+                opt.step()
+                print("stepped")
+            except RuntimeError as e:
+                print("refused", "storage" in str(e))
+        print("asked", sorted(set(n for n in Lying.asked
+                                  if n in ("storage_offset", "untyped_storage", "is_neg"))))
+        print("guard", torch.equal(guard, before), opt.state[p]["step"])
+        """
+    )
+    lines = out.strip().splitlines()
+    assert lines[0] == "refused True", out
+    assert lines[1] == "asked []", out
+    assert lines[2] == "guard True 1", out

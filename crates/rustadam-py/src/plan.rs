@@ -274,6 +274,7 @@ fn span(r: Role, m: &Meta) -> Span {
 /// Reads and checks every buffer of every group; see `plan` in the module.
 pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -> PyResult<Plan> {
     let th = tensor::torch(py)?;
+    let _no_modes = tensor::NoTorchFunction::enter(py, th)?;
     let mut configs = Vec::with_capacity(groups.len());
     let mut items = Vec::new();
     let mut deferred = Vec::new();

@@ -48,6 +48,8 @@ pub(crate) struct Torch {
     is_conj: Py<PyAny>,
     storage_offset: Py<PyAny>,
     untyped_storage: Py<PyAny>,
+    /// `torch._C.DisableTorchFunction`, entered while buffers are read.
+    disable_torch_function: Py<PyAny>,
     /// (torch dtype, element type, complex: each element is a pair of reals)
     dtypes: Vec<(Py<PyAny>, DType, bool)>,
 }
@@ -75,6 +77,7 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
         is_conj: tensor.getattr("is_conj")?.unbind(),
         storage_offset: tensor.getattr("storage_offset")?.unbind(),
         untyped_storage: tensor.getattr("untyped_storage")?.unbind(),
+        disable_torch_function: m.getattr("_C")?.getattr("DisableTorchFunction")?.unbind(),
         tensor: tensor.cast_into::<PyType>()?.unbind(),
         parameter: m
             .getattr("nn")?
@@ -85,6 +88,32 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
         dtypes,
     };
     Ok(TORCH.get_or_init(|| t))
+}
+
+/// Torch-function modes and subclass handlers switched off for as long as it lives: an active
+/// `TorchFunctionMode` would otherwise run its own Python code for (and answer) the metadata
+/// calls `read` makes, `storage_offset()` included.
+pub(crate) struct NoTorchFunction<'py>(Bound<'py, PyAny>);
+
+impl<'py> NoTorchFunction<'py> {
+    pub(crate) fn enter(py: Python<'py>, th: &Torch) -> PyResult<Self> {
+        let guard = th.disable_torch_function.bind(py).call0()?;
+        guard.call_method0(intern!(py, "__enter__"))?;
+        Ok(Self(guard))
+    }
+}
+
+impl Drop for NoTorchFunction<'_> {
+    fn drop(&mut self) {
+        let py = self.0.py();
+        let none = py.None();
+        if let Err(e) = self
+            .0
+            .call_method1(intern!(py, "__exit__"), (&none, &none, &none))
+        {
+            e.write_unraisable(py, Some(&self.0));
+        }
+    }
 }
 
 /// Why a tensor cannot be a buffer of the core as it is. `Layout` can be stepped through a
