@@ -9,6 +9,7 @@
 
 use std::sync::OnceLock;
 
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyInt, PyList, PyType};
@@ -197,9 +198,18 @@ pub(crate) fn step_plain<'py>(
         }
     }
     // Strict: a buffer the core does not take is refused, not deferred; the general path
-    // then finds it again and routes or names it.
-    let Ok(mut plan) = plan::build(py, inputs, true) else {
-        return Ok(None);
+    // then finds it again and routes or names it. Other exceptions (KeyboardInterrupt,
+    // MemoryError) are not refusals: they propagate.
+    let mut plan = match plan::build(py, inputs, true) {
+        Ok(plan) => plan,
+        Err(e)
+            if e.is_instance_of::<PyRuntimeError>(py)
+                || e.is_instance_of::<PyTypeError>(py)
+                || e.is_instance_of::<PyValueError>(py) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
     };
     plan.run(py, threads::options(num_threads, None, None)?, false)?;
     let key = intern!(py, "step");
