@@ -244,3 +244,14 @@ def test_one_call_bumps_versions_and_steps_counts():
     opt.step()  # through the optimizer: the versions move
     assert all(p._version > v for p, v in zip(ps[:4], before))
     assert all(opt.state[p]["exp_avg"]._version > v for p, v in zip(ps[:4], moments))
+
+
+def test_parameter_seed_is_the_documented_formula():
+    """docs/NUMERICS.md: parameter i of group g gets ``s ^ (mix(g) << 32) ^ mix(i)``, each
+    position mod 2**32 (the host-side ``mix_int`` is tested against the kernel's hash)."""
+    from rustadam import _rounding
+
+    for s in (0, 1, 2**63 + 12345, 2**64 - 1):
+        for g, i in ((0, 0), (0, 1), (3, 7), (1, 2**32 + 5), (2**32 + 1, 9)):
+            expected = (s ^ (_rounding.mix_int(g) << 32) ^ _rounding.mix_int(i)) % 2**64
+            assert _core.param_seed(s, g, i) == expected, (s, g, i)

@@ -115,6 +115,10 @@ def plan(groups: Sequence[GroupInput], *, strict: bool = False) -> Plan:
     for one the core does not take (another device or dtype, a negative or conjugate view).
     """
 
+def param_seed(seed: int, group: int, index: int) -> int:
+    """A parameter's stochastic-rounding seed: ``seed ^ (mix(group) << 32) ^ mix(index)`` with
+    the 32-bit hash of docs/NUMERICS.md (each position taken mod 2**32)."""
+
 def step_plain(
     groups: Sequence[tuple[Config, list[torch.Tensor]]],
     state: Mapping[torch.Tensor, dict[str, Any]],

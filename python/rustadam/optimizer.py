@@ -796,7 +796,7 @@ def _k(x: float, dtype: torch.dtype) -> float:
 
 def _param_seed(seed: int, gi: int, i: int) -> int:
     """A parameter's stochastic-rounding seed, from the optimizer's seed and its position."""
-    return (seed ^ (_rounding.mix_int(gi) << 32) ^ _rounding.mix_int(i)) % 2**64
+    return _core.param_seed(seed, gi, i)
 
 
 def _next_step(state: dict[str, Any], gi: int, group: dict[str, Any], i: int, p: Any) -> int:

@@ -35,8 +35,9 @@ fn defaultdict(py: Python<'_>) -> PyResult<&'static Py<PyType>> {
     Ok(TYPE.get_or_init(|| t))
 }
 
-/// A parameter's stochastic-rounding seed from the optimizer's seed and its (group, index), as
-/// `rustadam.optimizer._param_seed` computes it.
+/// `param_seed(seed, group, index)`: a parameter's stochastic-rounding seed, from the
+/// optimizer's seed and the parameter's position (every path of `rustadam.Adam` uses this one).
+#[pyfunction]
 pub(crate) fn param_seed(seed: u64, group: usize, index: usize) -> u64 {
     // Python's mix_int takes the low 32 bits first, as these casts do.
     seed ^ (u64::from(mix(group as u32)) << 32) ^ u64::from(mix(index as u32))

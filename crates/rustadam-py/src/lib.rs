@@ -90,6 +90,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan::plan, m)?)?;
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(gather::step_plain, m)?)?;
+    m.add_function(wrap_pyfunction!(gather::param_seed, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
     m.add_class::<plan::Plan>()?;
     m.add_class::<config::Config>()?;
