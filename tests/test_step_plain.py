@@ -255,3 +255,17 @@ def test_parameter_seed_is_the_documented_formula():
         for g, i in ((0, 0), (0, 1), (3, 7), (1, 2**32 + 5), (2**32 + 1, 9)):
             expected = (s ^ (_rounding.mix_int(g) << 32) ^ _rounding.mix_int(i)) % 2**64
             assert _core.param_seed(s, g, i) == expected, (s, g, i)
+
+
+def test_a_parameter_on_another_device_leaves_before_any_state_lookup(monkeypatch):
+    """A GPU (here: meta) model must not pay the gathering on every step only to be refused."""
+    p = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    p.grad = torch.zeros(3, device="meta")
+    opt = Adam([p])
+    opt.state[p] = {"step": 1, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    hashed = []
+    real = torch.Tensor.__hash__
+    monkeypatch.setattr(torch.Tensor, "__hash__", lambda t: hashed.append(1) or real(t))
+    assert _plain(opt) is None
+    assert hashed == []
+    assert opt.state[p]["step"] == 1

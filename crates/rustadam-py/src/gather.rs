@@ -114,7 +114,9 @@ fn group_input<'py>(
         seeds: Vec::with_capacity(params.len()),
     };
     for (i, p) in params.iter().enumerate() {
-        if !tensor::is_exact_tensor(&p, th) {
+        // Another device goes to the general path at once, before any state is looked up (the
+        // plan would refuse it anyway, after the whole gathering).
+        if !tensor::is_exact_tensor(&p, th) || !p.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
             return Ok(None);
         }
         let grad = p.getattr(intern!(py, "grad"))?;
@@ -167,14 +169,10 @@ pub(crate) fn step_plain<'py>(
 ) -> PyResult<Option<Bound<'py, PyList>>> {
     let th = tensor::torch(py)?;
     // A dict subclass of the user's could look parameters up its own way.
-    let plain_dict =
-        state.get_type().is(defaultdict(py)?.bind(py)) || state.is_exact_instance_of::<PyDict>();
-    let Ok(states) = state.cast::<PyDict>() else {
-        return Ok(None);
-    };
-    if !plain_dict {
+    if !(state.get_type().is(defaultdict(py)?.bind(py)) || state.is_exact_instance_of::<PyDict>()) {
         return Ok(None);
     }
+    let states = state.cast::<PyDict>()?;
     let mut inputs = Vec::with_capacity(groups.len());
     let mut dicts = Vec::new();
     for (gi, group) in groups.iter().enumerate() {
