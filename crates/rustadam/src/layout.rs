@@ -57,7 +57,25 @@ fn placing(shape: &[usize], strides: &[isize]) -> SmallVec<[(usize, usize, isize
 /// assert!(!is_dense(&[3], &[-1]));          // reversed
 /// ```
 pub fn is_dense(shape: &[usize], strides: &[isize]) -> bool {
+    // The usual case, row-major, needs no sort (this runs for every buffer of every step).
     let mut expected = 1usize;
+    let mut row_major = true;
+    for (&n, &s) in shape.iter().zip(strides).rev() {
+        if n > 1 {
+            if s != expected as isize {
+                row_major = false;
+                break;
+            }
+            expected = match expected.checked_mul(n) {
+                Some(e) => e,
+                None => return false,
+            };
+        }
+    }
+    if row_major {
+        return true;
+    }
+    expected = 1;
     for (_, n, s) in placing(shape, strides) {
         if s <= 0 || s as usize != expected {
             return false;
@@ -194,13 +212,17 @@ pub struct Span {
 /// assert_eq!(conflicts(&[s(0, 8, false), s(4, 16, true)]), vec![(0, 1)]);
 /// ```
 pub fn conflicts(spans: &[Span]) -> Vec<(usize, usize)> {
-    let mut order: Vec<usize> = (0..spans.len())
+    // Sorted as (start, index) pairs side by side: sorting indices by a key read through
+    // them would jump around memory for every comparison. The order of equal starts does not
+    // matter: every pair open at once is compared.
+    let mut order: Vec<(usize, usize)> = (0..spans.len())
         .filter(|&i| spans[i].start < spans[i].end)
+        .map(|i| (spans[i].start, i))
         .collect();
-    order.sort_unstable_by_key(|&i| (spans[i].start, i));
+    order.sort_unstable_by_key(|&(start, _)| start);
     let mut open: Vec<usize> = Vec::new();
     let mut found = Vec::new();
-    for &i in &order {
+    for &(_, i) in &order {
         let s = spans[i];
         open.retain(|&j| spans[j].end > s.start);
         for &j in &open {
