@@ -180,6 +180,24 @@ CASES = [
 ]
 
 
+def _outcome(opt, ps):
+    """What a step did: the parameters' values, or the error's type and message."""
+    try:
+        opt.step()
+        return ("stepped", [p.detach().clone() for p in ps])
+    except Exception as e:
+        return (type(e).__name__, str(e))
+
+
+def _assert_same_outcome(outcomes):
+    (ka, va), (kb, vb) = outcomes
+    assert ka == kb, outcomes
+    if ka == "stepped":
+        assert all(torch.equal(x, y) for x, y in zip(va, vb))
+    else:
+        assert va == vb
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_anything_unusual_leaves_the_one_call_with_nothing_changed(case):
     ps, opt = _stepped_opt()
@@ -199,18 +217,9 @@ def test_the_general_path_then_does_what_it_always_did(monkeypatch, case):
         _make_unplain(case, ps, opt)
         if general:
             monkeypatch.setattr(_core, "step_plain", lambda *a, **k: None)
-        try:
-            opt.step()
-            outcomes.append(("stepped", [p.detach().clone() for p in ps]))
-        except Exception as e:
-            outcomes.append((type(e).__name__, str(e)))
+        outcomes.append(_outcome(opt, ps))
         monkeypatch.undo()
-    (ka, va), (kb, vb) = outcomes
-    assert ka == kb, outcomes
-    if ka == "stepped":
-        assert all(torch.equal(x, y) for x, y in zip(va, vb))
-    else:
-        assert va == vb
+    _assert_same_outcome(outcomes)
 
 
 def test_one_call_is_all_or_nothing_across_groups():
@@ -269,3 +278,60 @@ def test_a_parameter_on_another_device_leaves_before_any_state_lookup(monkeypatc
     assert _plain(opt) is None
     assert hashed == []
     assert opt.state[p]["step"] == 1
+
+
+def test_a_later_parameter_on_another_device_is_refused_by_the_plan(monkeypatch):
+    """The one call asks only a group's first parameter for its device; one further on is
+    refused by the plan, having changed nothing, and the general path gives its usual outcome."""
+    outcomes = []
+    for general in (False, True):
+        ps, opt = _stepped_opt()
+        q = torch.nn.Parameter(torch.zeros(ps[3].shape, device="meta"))
+        q.grad = torch.zeros(q.shape, device="meta")
+        opt.param_groups[1]["params"][1] = q  # group 1 is [ps[2], q, ps[4]]
+        opt.state[q] = opt.state.pop(ps[3])
+        cpu = [t for p in ps[:3] for t in (p, *opt.state[p].values()) if torch.is_tensor(t)]
+        before = [t.clone() for t in cpu]
+        steps = [opt.state[p]["step"] for p in ps[:3]]
+        if not general:
+            assert _plain(opt) is None
+            assert all(torch.equal(a, b) for a, b in zip(cpu, before))
+            assert [opt.state[p]["step"] for p in ps[:3]] == steps
+        else:
+            monkeypatch.setattr(_core, "step_plain", lambda *a, **k: None)
+        outcomes.append(_outcome(opt, ps[:3]))
+        monkeypatch.undo()
+    _assert_same_outcome(outcomes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_many_dimensions_step_as_the_general_path(monkeypatch, dtype):
+    """Five and six dimensions (a complex one is a real one with a trailing (re, im)): sizes and
+    strides kept past the inline capacity of the glue give the general path's numbers, dense
+    and through a copy."""
+    outs = []
+    for general in (False, True):
+        gen = torch.Generator().manual_seed(3)
+        dense = torch.nn.Parameter(torch.randn(2, 1, 3, 2, 2, generator=gen).to(dtype))
+        wide = torch.randn(3, 2, 2, 3, 2, 4, generator=gen).to(dtype)
+        strided = wide[:, :, :, :, :, ::2].requires_grad_(True)  # not dense: a copy
+        opt = Adam([dense, strided], lr=0.05)
+        taken = []
+        real = _core.step_plain
+
+        def spy(*a, real=real, general=general, taken=taken, **k):
+            out = None if general else real(*a, **k)
+            taken.append(out is not None)
+            return out
+
+        monkeypatch.setattr(_core, "step_plain", spy)
+        for k in range(3):
+            g = torch.Generator().manual_seed(10 + k)
+            dense.grad = torch.randn(dense.shape, generator=g).to(dtype)
+            strided.grad = torch.randn(strided.shape, generator=g).to(dtype)
+            opt.step()
+        monkeypatch.undo()
+        assert taken == [False, not general, not general]
+        outs.append([dense.detach().clone(), strided.detach().clone()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

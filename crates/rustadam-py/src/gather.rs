@@ -114,9 +114,13 @@ fn group_input<'py>(
         seeds: Vec::with_capacity(params.len()),
     };
     for (i, p) in params.iter().enumerate() {
-        // Another device goes to the general path at once, before any state is looked up (the
-        // plan would refuse it anyway, after the whole gathering).
-        if !tensor::is_exact_tensor(&p, th) || !p.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
+        if !tensor::is_exact_tensor(&p, th) {
+            return Ok(None);
+        }
+        // A model on another device goes to the general path at once, before any state is
+        // looked up: its first parameter tells. (The plan refuses any other parameter not on
+        // the CPU, after the gathering; asking each one here cost more than that rare case.)
+        if i == 0 && !p.getattr(intern!(py, "is_cpu"))?.is_truthy()? {
             return Ok(None);
         }
         let grad = p.getattr(intern!(py, "grad"))?;

@@ -106,8 +106,9 @@ impl Problem {
 /// One parameter's checked buffers.
 struct Item {
     group: usize,
-    /// By `Role` order; the last two only when the group's config asks for them.
-    bufs: Vec<Option<Meta>>,
+    /// By `Role` order; the last two only when the group's config asks for them. Inline: a
+    /// heap block per parameter made every step allocate (and fault in) memory afresh.
+    bufs: [Option<Meta>; 6],
     step: u64,
     seed: u64,
     /// The order the kernel visits elements in: the dimensions, outermost first. It is the
@@ -122,7 +123,7 @@ struct Item {
 
 impl Item {
     fn buf(&self, r: Role) -> Option<&Meta> {
-        self.bufs.get(r as usize).and_then(Option::as_ref)
+        self.bufs[r as usize].as_ref()
     }
 }
 
@@ -134,6 +135,8 @@ pub(crate) struct Plan {
     /// Parameters the core leaves to the torch path: (group, index, reason).
     #[pyo3(get)]
     deferred: Vec<(usize, usize, String)>,
+    /// Every byte range the items touch, for the registry of running steps (taken by `run`).
+    spans: Vec<Span>,
     done: bool,
 }
 
@@ -155,39 +158,58 @@ fn refused(group: usize, index: usize, kind: &str, reason: String) -> PyErr {
     crate::StepError::new_err((group, index, kind.to_string(), reason))
 }
 
+/// Reads and checks one parameter's buffers into a new last element of `items` (built in
+/// place: an item is large); on a problem nothing is added.
 fn read_item(
     th: &Torch,
-    group: usize,
-    index: usize,
+    items: &mut Vec<Item>,
+    (group, index): (usize, usize),
     objs: &[Option<&Bound<'_, PyAny>>; 6],
     step: u64,
     seed: u64,
-) -> PyResult<Result<Item, Problem>> {
-    let mut bufs: Vec<Option<Meta>> = Vec::with_capacity(6);
-    for (r, obj) in Role::ALL.iter().zip(objs) {
-        let Some(obj) = obj else {
-            bufs.push(None);
-            continue;
-        };
-        let what = || format!("param_groups[{group}] {}s[{index}]", r.name());
-        match tensor::read(obj, th, what)? {
-            Ok(m) => bufs.push(Some(m)),
-            Err(why @ (Refusal::OutsideStorage { .. } | Refusal::NoData)) => {
-                return Ok(Err(Problem::Storage(*r, why)))
-            }
-            Err(why) => return Ok(Err(Problem::Deferred(*r, why))),
-        }
-    }
-    let mut item = Item {
+) -> PyResult<Result<(), Problem>> {
+    items.push(Item {
         group,
-        bufs,
+        bufs: Default::default(),
         step,
         seed,
         order: Vec::new(),
         direct: [false; 6],
         sequential: false,
+    });
+    let item = items.last_mut().expect("just pushed");
+    let mut problem = None;
+    for ((r, obj), slot) in Role::ALL.iter().zip(objs).zip(item.bufs.iter_mut()) {
+        let Some(obj) = obj else { continue };
+        let what = || format!("param_groups[{group}] {}s[{index}]", r.name());
+        match tensor::read(obj, th, what) {
+            Ok(Ok(m)) => *slot = Some(m),
+            Ok(Err(why @ (Refusal::OutsideStorage { .. } | Refusal::NoData))) => {
+                problem = Some(Ok(Problem::Storage(*r, why)));
+                break;
+            }
+            Ok(Err(why)) => {
+                problem = Some(Ok(Problem::Deferred(*r, why)));
+                break;
+            }
+            Err(e) => {
+                problem = Some(Err(e));
+                break;
+            }
+        }
+    }
+    let result = match problem {
+        Some(Err(e)) => {
+            items.pop();
+            return Err(e);
+        }
+        Some(Ok(p)) => Err(p),
+        None => check_item(item),
     };
-    Ok(check_item(&mut item).map(|()| item))
+    if result.is_err() {
+        items.pop();
+    }
+    Ok(result)
 }
 
 /// The checks between one parameter's own buffers.
@@ -276,7 +298,7 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
     let th = tensor::torch(py)?;
     let _no_modes = tensor::NoTorchFunction::enter(py, th)?;
     let mut configs = Vec::with_capacity(groups.len());
-    let mut items = Vec::new();
+    let mut items = Vec::with_capacity(groups.iter().map(|g| g.params.len()).sum());
     let mut deferred = Vec::new();
     for (gi, g) in groups.iter().enumerate() {
         let cfg = g.config.get().inner;
@@ -321,8 +343,9 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
                 g.max_exp_avg_sqs.as_ref().map(|v| &v[i]),
                 g.compensations.as_ref().and_then(|v| v[i].as_ref()),
             ];
-            match read_item(th, gi, i, &objs, g.steps[i], g.seeds[i])? {
-                Ok(item) => {
+            match read_item(th, &mut items, (gi, i), &objs, g.steps[i], g.seeds[i])? {
+                Ok(()) => {
+                    let item = items.last().expect("read_item added it");
                     let half = matches!(
                         item.buf(Role::Param).map(|p| p.dtype),
                         Some(DType::BF16 | DType::F16)
@@ -339,7 +362,6 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
                                 .into(),
                         ));
                     }
-                    items.push(item);
                 }
                 Err(problem @ Problem::Deferred(..)) if !strict => {
                     deferred.push((gi, i, problem.message(|_| String::new())));
@@ -356,20 +378,21 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
         }
         configs.push(cfg);
     }
-    mark_shared(&mut items);
+    let spans = mark_shared(&mut items);
     Ok(Plan {
         configs,
         items,
         deferred,
+        spans,
         done: false,
     })
 }
 
 /// Parameters whose buffers share memory with another parameter's (where one writes) are
-/// stepped alone, in order, as a loop over the parameters would.
-fn mark_shared(items: &mut [Item]) {
-    let mut spans = Vec::new();
-    let mut owner = Vec::new();
+/// stepped alone, in order, as a loop over the parameters would. Returns every span.
+fn mark_shared(items: &mut [Item]) -> Vec<Span> {
+    let mut spans = Vec::with_capacity(items.len() * 4);
+    let mut owner = Vec::with_capacity(items.len() * 4);
     for (k, item) in items.iter().enumerate() {
         for &r in &Role::ALL {
             if let Some(b) = item.buf(r) {
@@ -384,6 +407,7 @@ fn mark_shared(items: &mut [Item]) {
             items[owner[b]].sequential = true;
         }
     }
+    spans
 }
 
 /// Copies a `rows × cols` block between two strided layouts (strides as (row, column)); in
@@ -512,7 +536,7 @@ unsafe fn slice<'a, E>(m: &Meta) -> &'a [E] {
 struct Work<'a, E> {
     item: &'a Item,
     /// By `Role` order; `None` for a buffer used in place (or absent).
-    copies: Vec<Option<Vec<E>>>,
+    copies: [Option<Vec<E>>; 6],
 }
 
 impl<'a, E: Element> Work<'a, E> {
@@ -520,16 +544,11 @@ impl<'a, E: Element> Work<'a, E> {
     /// `item` comes from a [`Plan`] whose buffers have element type `E`, and no other
     /// `Work` of this call covers memory of `item` unless both only read it.
     unsafe fn new(item: &'a Item) -> Self {
-        let copies = item
-            .bufs
-            .iter()
-            .zip(item.direct)
-            .map(|(b, direct)| match b {
-                // SAFETY: the contract of `new`.
-                Some(m) if !direct => Some(unsafe { gather(m, &item.order) }),
-                _ => None,
-            })
-            .collect();
+        let copies = std::array::from_fn(|k| match &item.bufs[k] {
+            // SAFETY: the contract of `new`.
+            Some(m) if !item.direct[k] => Some(unsafe { gather(m, &item.order) }),
+            _ => None,
+        });
         Self { item, copies }
     }
 
@@ -541,25 +560,29 @@ impl<'a, E: Element> Work<'a, E> {
         let item = self.item;
         // Gradients may share memory with each other (they are only read), so a gradient is
         // never made a mutable slice.
-        let mut slots: Vec<Option<&mut [E]>> = Vec::with_capacity(Role::ALL.len());
+        let mut slots: [Option<&mut [E]>; 6] = Default::default();
         let mut grad: &[E] = &[];
-        for ((b, c), r) in item.bufs.iter().zip(self.copies.iter_mut()).zip(Role::ALL) {
+        for (((b, c), r), slot) in item
+            .bufs
+            .iter()
+            .zip(self.copies.iter_mut())
+            .zip(Role::ALL)
+            .zip(slots.iter_mut())
+        {
             match (b, c) {
-                (None, _) => slots.push(None),
+                (None, _) => {}
                 (Some(_), Some(c)) => {
                     if r.written() {
-                        slots.push(Some(c.as_mut_slice()));
+                        *slot = Some(c.as_mut_slice());
                     } else {
                         grad = c.as_slice();
-                        slots.push(None);
                     }
                 }
                 // SAFETY: a direct buffer is dense in the item's order (contract of `new`).
-                (Some(m), None) if r.written() => slots.push(Some(unsafe { slice_mut(m) })),
+                (Some(m), None) if r.written() => *slot = Some(unsafe { slice_mut(m) }),
                 (Some(m), None) => {
                     // SAFETY: as above; a shared slice.
                     grad = unsafe { slice(m) };
-                    slots.push(None);
                 }
             }
         }
@@ -682,18 +705,6 @@ fn dtype_of<E: 'static>() -> DType {
 }
 
 impl Plan {
-    /// Every byte range the plan touches, for the registry of running steps.
-    fn spans(&self) -> Vec<Span> {
-        self.items
-            .iter()
-            .flat_map(|it| {
-                Role::ALL
-                    .iter()
-                    .filter_map(move |&r| it.buf(r).map(|b| span(r, b)))
-            })
-            .collect()
-    }
-
     /// Runs the plan: first every parameter that shares no memory with another (one kernel
     /// call per group), then the others one at a time in order.
     pub(crate) fn run(
@@ -706,7 +717,7 @@ impl Plan {
             return Err(PyRuntimeError::new_err("this plan has already run"));
         }
         self.done = true;
-        let _borrow = registry::borrow(self.spans())?;
+        let _borrow = registry::borrow(std::mem::take(&mut self.spans))?;
         let (configs, items) = (&self.configs, &self.items);
         py.detach(|| -> Result<(), String> {
             for (gi, cfg) in configs.iter().enumerate() {

@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::OnceLock;
 
 use pyo3::exceptions::PyTypeError;
+use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::PyType;
@@ -34,8 +35,9 @@ impl DType {
     }
 }
 
-/// Sizes or strides, inline up to 7 dimensions (read for every tensor at every step).
-pub(crate) type Dims<T> = SmallVec<[T; 7]>;
+/// Sizes or strides, inline up to 4 dimensions (read for every tensor at every step; more spill
+/// to the heap).
+pub(crate) type Dims<T> = SmallVec<[T; 4]>;
 
 /// torch objects compared by identity; looked up once.
 pub(crate) struct Torch {
@@ -199,6 +201,22 @@ impl Meta {
     }
 }
 
+/// `f(t)`, without the argument tuple a call through pyo3 builds on this abi3 target (three
+/// calls for every buffer of every step).
+fn call_one<'py>(f: &Py<PyAny>, t: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    let py = t.py();
+    // SAFETY: both are live objects and the GIL is held; the argument list ends with NULL as
+    // the function requires; it returns a new reference, or NULL with an exception set.
+    unsafe {
+        let r = ffi::PyObject_CallFunctionObjArgs(
+            f.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null_mut::<ffi::PyObject>(),
+        );
+        Bound::from_owned_ptr_or_err(py, r)
+    }
+}
+
 /// Whether `t` is exactly a `torch.Tensor` or `torch.nn.Parameter` (no subclass).
 pub(crate) fn is_exact_tensor(t: &Bound<'_, PyAny>, th: &Torch) -> bool {
     let ty = t.get_type();
@@ -256,13 +274,13 @@ pub(crate) fn read(
             (ptr, dtype, complex, shape, strides)
         }
     };
-    if th.is_neg.bind(py).call1((t,))?.extract::<bool>()? {
+    if call_one(&th.is_neg, t)?.extract::<bool>()? {
         return Ok(Err(Refusal::NegView));
     }
-    if complex && th.is_conj.bind(py).call1((t,))?.extract::<bool>()? {
+    if complex && call_one(&th.is_conj, t)?.extract::<bool>()? {
         return Ok(Err(Refusal::ConjView));
     }
-    let mut offset: usize = th.storage_offset.bind(py).call1((t,))?.extract()?;
+    let mut offset: usize = call_one(&th.storage_offset, t)?.extract()?;
     if complex {
         // A complex tensor is a real one with a trailing dimension (re, im) of stride 1.
         strides.iter_mut().for_each(|s| *s *= 2);
@@ -293,7 +311,7 @@ pub(crate) fn read(
     }
     // The view must lie inside the storage we hold: data_ptr is the storage's base plus
     // storage_offset elements, so the bounds follow from the offsets alone.
-    let storage = th.untyped_storage.bind(py).call1((t,))?;
+    let storage = call_one(&th.untyped_storage, t)?;
     // len() of an UntypedStorage is its size in bytes (a slot call, no method lookup).
     let nbytes: usize = storage.len()?;
     let first = offset as isize + lo;
