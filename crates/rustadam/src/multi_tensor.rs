@@ -334,11 +334,19 @@ fn push_chunks<'a, E: Element>(
     t: &'a mut TensorRefs<'_, E>,
     chunk_len: usize,
     wrap: fn(Chunk<'a, E>) -> Job<'a>,
+    last: &mut Option<(u64, StepScalars)>,
 ) {
-    let k = Coeffs::new(
-        &StepScalars::new(cfg, t.step),
-        kernel::stochastic_key(t.seed, t.step),
-    );
+    // The tensors of a call mostly share their step count: two `powf` per tensor were a
+    // visible share of a step over thousands of small tensors.
+    let scalars = match *last {
+        Some((step, s)) if step == t.step => s,
+        _ => {
+            let s = StepScalars::new(cfg, t.step);
+            *last = Some((t.step, s));
+            s
+        }
+    };
+    let k = Coeffs::new(&scalars, kernel::stochastic_key(t.seed, t.step));
     let n = t.param.len();
     let (mut p, mut m, mut v) = (&mut *t.param, &mut *t.exp_avg, &mut *t.exp_avg_sq);
     let g: &'a [E] = t.grad;
@@ -411,12 +419,14 @@ fn execute(
     let chunk_len = opts.chunk_len.max(1);
     let level = opts.simd.unwrap_or_else(SimdLevel::detect);
     let mut jobs = Vec::with_capacity(tensors.len() + total / chunk_len);
+    let mut last = None;
     for t in tensors.iter_mut() {
+        let last = &mut last;
         match t {
-            AnyTensor::F32(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::F32),
-            AnyTensor::F64(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::F64),
-            AnyTensor::BF16(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::BF16),
-            AnyTensor::F16(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::F16),
+            AnyTensor::F32(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::F32, last),
+            AnyTensor::F64(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::F64, last),
+            AnyTensor::BF16(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::BF16, last),
+            AnyTensor::F16(t) => push_chunks(&mut jobs, cfg, t, chunk_len, Job::F16, last),
         }
     }
     if opts.num_threads <= 1 || total < PARALLEL_MIN_ELEMS || jobs.len() < 2 {

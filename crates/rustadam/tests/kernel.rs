@@ -226,6 +226,42 @@ fn f32_tracks_float64_oracle() {
     }
 }
 
+#[test]
+fn each_tensor_of_a_call_uses_its_own_step_count() {
+    // Step counts that repeat, change and come back within one call: each tensor must get the
+    // bias corrections of its own t, as if stepped alone.
+    let steps = [3u64, 3, 1, 3, 7, 7, 1, 2];
+    let mut rng = Rng(7);
+    for cfg in configs() {
+        let mut bufs: Vec<[Vec<f32>; 4]> = steps
+            .iter()
+            .map(|_| {
+                let mut b = || rng.vec(33).iter().map(|&x| x as f32).collect::<Vec<f32>>();
+                let (p, g, m) = (b(), b(), b());
+                let v = b().iter().map(|x| x * x).collect();
+                [p, g, m, v]
+            })
+            .collect();
+        let mut reference = bufs.clone();
+        let mut tensors: Vec<AnyTensor<'_>> = bufs
+            .iter_mut()
+            .zip(steps)
+            .map(|([p, g, m, v], t)| AnyTensor::from(TensorRefs::new(p, g, m, v, t)))
+            .collect();
+        step_tensors(&cfg, &mut tensors, &opts(1, None)).unwrap();
+        drop(tensors);
+        for ([p, g, m, v], t) in reference.iter_mut().zip(steps) {
+            scalar_f32(&cfg, t, p, g, m, v);
+        }
+        for (a, b) in bufs.iter().zip(&reference) {
+            for (x, y) in a.iter().zip(b) {
+                let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(x), bits(y), "{cfg:?}");
+            }
+        }
+    }
+}
+
 /// Runs a mixed f32/f64 call of several tensors and returns every buffer's bits.
 fn mixed_run(o: &ExecOptions, cfg: &AdamConfig) -> Vec<u64> {
     let mut rng = Rng(3);
