@@ -199,17 +199,13 @@ fn read_item(
         }
     }
     let result = match problem {
-        Some(Err(e)) => {
-            items.pop();
-            return Err(e);
-        }
-        Some(Ok(p)) => Err(p),
-        None => check_item(item),
+        Some(p) => p.map(Err),
+        None => Ok(check_item(item)),
     };
-    if result.is_err() {
+    if !matches!(result, Ok(Ok(()))) {
         items.pop();
     }
-    Ok(result)
+    result
 }
 
 /// The checks between one parameter's own buffers.

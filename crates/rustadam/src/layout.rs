@@ -58,25 +58,15 @@ fn placing(shape: &[usize], strides: &[isize]) -> SmallVec<[(usize, usize, isize
 /// ```
 pub fn is_dense(shape: &[usize], strides: &[isize]) -> bool {
     // The usual case, row-major, needs no sort (this runs for every buffer of every step).
+    let row_major = shape.iter().zip(strides).rev().filter(|(&n, _)| n > 1);
+    fills_consecutive_slots(row_major.map(|(&n, &s)| (n, s)))
+        || fills_consecutive_slots(placing(shape, strides).into_iter().map(|(_, n, s)| (n, s)))
+}
+
+/// Whether dimensions `(length, stride)`, innermost first, have the strides 1, n0, n0·n1, …
+fn fills_consecutive_slots(dims: impl Iterator<Item = (usize, isize)>) -> bool {
     let mut expected = 1usize;
-    let mut row_major = true;
-    for (&n, &s) in shape.iter().zip(strides).rev() {
-        if n > 1 {
-            if s != expected as isize {
-                row_major = false;
-                break;
-            }
-            expected = match expected.checked_mul(n) {
-                Some(e) => e,
-                None => return false,
-            };
-        }
-    }
-    if row_major {
-        return true;
-    }
-    expected = 1;
-    for (_, n, s) in placing(shape, strides) {
+    for (n, s) in dims {
         if s <= 0 || s as usize != expected {
             return false;
         }
