@@ -36,11 +36,9 @@ def _grads(ps, k):
     ]
 
 
-def _run(general: bool, monkeypatch, steps=4, dtype=torch.float32, **kw):
-    ps = _params(dtype)
-    groups = [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.02, "betas": (0.8, 0.99)}]
-    opt = Adam(groups, lr=0.05, weight_decay=WeightDecay(0.1), **kw)
-    calls = []
+def _spy(general: bool, calls: list):
+    """``_core.step_plain`` that records whether it took each step; with ``general`` it takes
+    none, so every step goes the general path."""
     real = _core.step_plain
 
     def spy(*a, **k):
@@ -48,8 +46,16 @@ def _run(general: bool, monkeypatch, steps=4, dtype=torch.float32, **kw):
         calls.append(out is not None)
         return out
 
+    return spy
+
+
+def _run(general: bool, monkeypatch, steps=4, dtype=torch.float32, **kw):
+    ps = _params(dtype)
+    groups = [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.02, "betas": (0.8, 0.99)}]
+    opt = Adam(groups, lr=0.05, weight_decay=WeightDecay(0.1), **kw)
+    calls = []
     with monkeypatch.context() as m:
-        m.setattr(_core, "step_plain", spy)
+        m.setattr(_core, "step_plain", _spy(general, calls))
         for k in range(steps):
             for p, g in zip(ps, _grads(ps, k)):
                 p.grad = g
@@ -317,14 +323,7 @@ def test_many_dimensions_step_as_the_general_path(monkeypatch, dtype):
         strided = wide[:, :, :, :, :, ::2].requires_grad_(True)  # not dense: a copy
         opt = Adam([dense, strided], lr=0.05)
         taken = []
-        real = _core.step_plain
-
-        def spy(*a, real=real, general=general, taken=taken, **k):
-            out = None if general else real(*a, **k)
-            taken.append(out is not None)
-            return out
-
-        monkeypatch.setattr(_core, "step_plain", spy)
+        monkeypatch.setattr(_core, "step_plain", _spy(general, taken))
         for k in range(3):
             g = torch.Generator().manual_seed(10 + k)
             dense.grad = torch.randn(dense.shape, generator=g).to(dtype)
