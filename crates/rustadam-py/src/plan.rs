@@ -389,8 +389,10 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
 fn mark_shared(items: &mut [Item]) -> Vec<Span> {
     let mut spans = Vec::with_capacity(items.len() * 4);
     let mut owner = Vec::with_capacity(items.len() * 4);
-    for (k, item) in items.iter().enumerate() {
-        for &r in &Role::ALL {
+    // Role by role: the parameters (or gradients, or moments) were usually allocated one
+    // after another, so each role's spans come in address order, which the sort exploits.
+    for &r in &Role::ALL {
+        for (k, item) in items.iter().enumerate() {
             if let Some(b) = item.buf(r) {
                 spans.push(span(r, b));
                 owner.push(k);
