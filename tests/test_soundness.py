@@ -256,6 +256,81 @@ def test_core_refuses_every_object_that_is_not_exactly_a_tensor_or_parameter():
         assert line.endswith("TypeError untouched"), line
 
 
+LOOKAHEAD_ATTACK = r"""
+from rustadam import _core
+
+# Long lists: while it reads one parameter, the plan hints the caches about the buffers of
+# the parameters up to a dozen places further on, before it has checked their type. Objects
+# of every size (some smaller than a tensor object) sit there; each must be refused by type
+# when its turn comes, with nothing written.
+n = 40
+cfg = _core.Config(lr=0.1)
+for bad in (None, 1, 2.5, True, "s", b"", object(), (), [], {}, torch.float32, torch.Size([3])):
+    for pos in (0, 5, 20, 39):
+        for slot in range(4):
+            lists = [[torch.zeros(3) for _ in range(n)] for _ in range(4)]
+            before = [[t.clone() for t in lst] for lst in lists]
+            lists[slot][pos] = bad
+            try:
+                _core.plan([(cfg, *lists, None, None, [1] * n, [0] * n)], strict=True).execute(
+                    num_threads=1)
+                outcome = "accepted"
+            except TypeError as e:
+                named = f"s[{pos}] must be exactly" in str(e)
+                outcome = "TypeError" if named else f"TypeError: {e}"
+            except BaseException as e:
+                outcome = exc_name(e)
+            same = all(torch.equal(a, b) for lst, lb in zip(lists, before)
+                       for a, b in zip(lst, lb) if type(a) is torch.Tensor)
+            print(type(bad).__name__, pos, slot, outcome, "untouched" if same else "written")
+print("END")
+"""
+
+
+def test_objects_ahead_in_long_lists_are_refused_by_type_when_reached():
+    out = run_case(LOOKAHEAD_ATTACK, timeout=120)
+    lines = out.strip().splitlines()
+    assert lines[-1] == "END", out
+    assert len(lines) == 12 * 4 * 4 + 1
+    for line in lines[:-1]:
+        assert line.endswith("TypeError untouched"), line
+
+
+SHRINKING_LIST_ATTACK = r"""
+from rustadam import Adam
+
+# The one-call step walks a group's list with look-ahead; here the parameters' hash (Python
+# code the state lookup runs when torch's identity hash is replaced) empties that list while
+# it is walked. No crash, no exception left pending, and the interpreter carries on.
+ps = [torch.nn.Parameter(torch.randn(4)) for _ in range(30)]
+opt = Adam(ps, lr=0.1)
+for p in ps:
+    p.grad = torch.ones(4)
+opt.step()  # the states exist: later steps take the one call
+plist = opt.param_groups[0]["params"]
+real = torch.Tensor.__hash__
+def shrinking(t):
+    if len(plist) > 3:
+        del plist[3:]
+    return real(t)
+torch.Tensor.__hash__ = shrinking
+try:
+    opt.step()
+    print("stepped", len(plist))
+except Exception as e:
+    print("raised", exc_name(e))
+torch.Tensor.__hash__ = real
+print(sum(range(10)), "END")
+"""
+
+
+def test_a_list_emptied_while_the_one_call_walks_it_is_not_a_crash():
+    out = run_case(SHRINKING_LIST_ATTACK, timeout=60)
+    lines = out.strip().splitlines()
+    assert lines[-1] == "45 END", out
+    assert lines[0] in ("stepped 3", "raised RuntimeError"), out
+
+
 def test_torch_function_subclass_that_frees_a_checked_param_steps_like_torch():
     out = run_case(
         r"""

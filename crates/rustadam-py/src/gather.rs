@@ -10,6 +10,7 @@
 use std::sync::OnceLock;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyInt, PyList, PyType};
@@ -18,6 +19,7 @@ use rustadam::Rounding;
 
 use crate::config::Config;
 use crate::plan::{self, GroupInput};
+use crate::prefetch::{self, Then};
 use crate::tensor::{self, Torch};
 use crate::threads;
 
@@ -113,7 +115,19 @@ fn group_input<'py>(
         steps: Vec::with_capacity(params.len()),
         seeds: Vec::with_capacity(params.len()),
     };
+    let n = params.len();
     for (i, p) in params.iter().enumerate() {
+        // SAFETY: the list holds its items while this runs, the GIL is held, and an index past
+        // its end (Python code run by a lookup below may shrink it) gives null, not an item.
+        unsafe {
+            prefetch::ahead(th, i, n, Then::AutogradMeta, |j| {
+                let item = ffi::PyList_GetItem(params.as_ptr(), j as ffi::Py_ssize_t);
+                if item.is_null() {
+                    ffi::PyErr_Clear();
+                }
+                [item]
+            });
+        }
         if !tensor::is_exact_tensor(&p, th) {
             return Ok(None);
         }

@@ -11,6 +11,7 @@ mod gather;
 mod numpy_api;
 mod openmp;
 mod plan;
+mod prefetch;
 mod registry;
 mod tensor;
 mod threads;

@@ -14,6 +14,7 @@ use rustadam::{bf16, f16, AdamConfig, AnyTensor, Element, ExecOptions, Rounding,
 use smallvec::SmallVec;
 
 use crate::config::Config;
+use crate::prefetch::{self, Then};
 use crate::registry;
 use crate::tensor::{self, DType, Meta, Refusal, Torch};
 use crate::threads;
@@ -318,7 +319,23 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
                 "group {gi}: max_exp_avg_sqs must be given exactly when amsgrad is set"
             )));
         }
+        let objs_at = |i: usize| {
+            [
+                Some(&g.params[i]),
+                Some(&g.grads[i]),
+                Some(&g.exp_avgs[i]),
+                Some(&g.exp_avg_sqs[i]),
+                g.max_exp_avg_sqs.as_ref().map(|v| &v[i]),
+                g.compensations.as_ref().and_then(|v| v[i].as_ref()),
+            ]
+        };
         for i in 0..n {
+            // SAFETY: the objects are held by `groups` for the whole call; the GIL is held.
+            unsafe {
+                prefetch::ahead(th, i, n, Then::Storage, |j| {
+                    objs_at(j).map(|o| o.map_or(std::ptr::null_mut(), |o| o.as_ptr()))
+                });
+            }
             if g.steps[i] == 0 || g.steps[i] > i64::MAX as u64 {
                 return Err(refused(
                     gi,
@@ -331,14 +348,7 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
                     ),
                 ));
             }
-            let objs = [
-                Some(&g.params[i]),
-                Some(&g.grads[i]),
-                Some(&g.exp_avgs[i]),
-                Some(&g.exp_avg_sqs[i]),
-                g.max_exp_avg_sqs.as_ref().map(|v| &v[i]),
-                g.compensations.as_ref().and_then(|v| v[i].as_ref()),
-            ];
+            let objs = objs_at(i);
             match read_item(th, &mut items, (gi, i), &objs, g.steps[i], g.seeds[i])? {
                 Ok(()) => {
                     let item = items.last().expect("read_item added it");

@@ -54,6 +54,8 @@ pub(crate) struct Torch {
     disable_torch_function: Py<PyAny>,
     /// (torch dtype, element type, complex: each element is a pair of reals)
     dtypes: Vec<(Py<PyAny>, DType, bool)>,
+    /// torch's objects are laid out as `prefetch` assumes: cache hints may be given.
+    pub(crate) hints: bool,
 }
 
 pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
@@ -88,6 +90,7 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
             .unbind(),
         strided: m.getattr("strided")?.unbind(),
         dtypes,
+        hints: crate::prefetch::layout_holds(py),
     };
     Ok(TORCH.get_or_init(|| t))
 }
@@ -217,10 +220,17 @@ fn call_one<'py>(f: &Py<PyAny>, t: &Bound<'py, PyAny>) -> PyResult<Bound<'py, Py
     }
 }
 
+impl Torch {
+    /// Whether `ty` is exactly `torch.Tensor` or `torch.nn.Parameter` (no subclass).
+    pub(crate) fn is_exact_tensor_type(&self, ty: *mut ffi::PyTypeObject) -> bool {
+        let ty = ty.cast::<ffi::PyObject>();
+        ty == self.tensor.as_ptr() || ty == self.parameter.as_ptr()
+    }
+}
+
 /// Whether `t` is exactly a `torch.Tensor` or `torch.nn.Parameter` (no subclass).
 pub(crate) fn is_exact_tensor(t: &Bound<'_, PyAny>, th: &Torch) -> bool {
-    let ty = t.get_type();
-    ty.is(th.tensor.bind(t.py())) || ty.is(th.parameter.bind(t.py()))
+    th.is_exact_tensor_type(t.get_type_ptr())
 }
 
 /// The integers of a Python tuple (a `torch.Size` or a stride tuple).
