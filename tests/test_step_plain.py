@@ -334,3 +334,85 @@ def test_many_dimensions_step_as_the_general_path(monkeypatch, dtype):
         outs.append([dense.detach().clone(), strided.detach().clone()])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def _many():
+    """Forty parameters of mixed layouts (dense, transposed, strided through a copy, tiny), as
+    tensors and as Parameters: lists long enough that the one call's cache hints run ahead of
+    every parameter it gathers and reads."""
+    gen = torch.Generator().manual_seed(5)
+    ps = []
+    for i in range(40):
+        t = [
+            lambda: torch.randn(6, 5, generator=gen),
+            lambda: torch.randn(5, 6, generator=gen).t(),
+            lambda: torch.randn(20, generator=gen)[::2],
+            lambda: torch.randn(3, generator=gen),
+        ][i % 4]()
+        ps.append(torch.nn.Parameter(t) if i % 3 else t.requires_grad_(True))
+    return ps
+
+
+def _alter(case, m, ps, opt, hashed):
+    if case in ("Tensor.__hash__ replaced", "Parameter.__hash__ replaced"):
+        real = torch.Tensor.__hash__
+        cls = torch.Tensor if case.startswith("Tensor") else torch.nn.Parameter
+        m.setattr(cls, "__hash__", lambda t: hashed.append(1) or real(t))
+    elif case == "a key that is not a tensor":
+        opt.state["note"] = {"step": 7}
+    elif case == "the state of a parameter no longer optimized":
+        opt.param_groups[1]["params"].pop(3)
+    else:
+        assert case == "plain", case
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "plain",
+        "Tensor.__hash__ replaced",
+        "Parameter.__hash__ replaced",
+        "a key that is not a tensor",
+        "the state of a parameter no longer optimized",
+    ],
+)
+def test_many_parameters_and_the_state_lookup_match_the_general_path(monkeypatch, case):
+    """The one call finds each parameter's state by its identity where a dict lookup finds the
+    same entries (every key exactly a tensor, torch's identity hash in place), and through the
+    dict otherwise: with either, it is taken and gives the general path's numbers."""
+    outs = []
+    for general in (False, True):
+        ps = _many()
+        opt = Adam([{"params": ps[:25]}, {"params": ps[25:], "lr": 0.02}], lr=0.05)
+        calls, hashed, hashed_inside = [], [], []
+        spy = _spy(general, calls)
+
+        def counting(*a, spy=spy, hashed=hashed, inside=hashed_inside, **k):
+            n = len(hashed)
+            out = spy(*a, **k)
+            inside.append(len(hashed) - n)
+            return out
+
+        with monkeypatch.context() as m:
+            m.setattr(_core, "step_plain", counting)
+            for k in range(3):
+                gen = torch.Generator().manual_seed(50 + k)
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
+                if k == 0:
+                    _alter(case, m, ps, opt, hashed)
+        assert calls == [False, not general, not general]
+        if "replaced" in case and not general:
+            # The dict's own lookup, through the replaced hash, once per parameter it serves.
+            served = [p for p in ps if case.startswith("Tensor") or type(p) is torch.nn.Parameter]
+            assert hashed_inside[1:] == [len(served)] * 2
+        outs.append([p.detach().clone() for p in ps] + [dict(opt.state[p]) for p in ps])
+    for a, b in zip(*outs):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys()
+            assert all(
+                torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a
+            )
+        else:
+            assert torch.equal(a, b)

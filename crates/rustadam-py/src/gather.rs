@@ -7,6 +7,8 @@
 //! call return `None` having changed nothing, and the caller takes its general path, which
 //! makes the same checks and names what it refuses. Nothing is remembered across calls.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
@@ -54,9 +56,80 @@ struct Entry<'py> {
     exp_avg_sq: Bound<'py, PyAny>,
 }
 
-fn entry<'py>(states: &Bound<'py, PyDict>, p: &Bound<'py, PyAny>) -> PyResult<Option<Entry<'py>>> {
+/// Hashes an object's address (its identity) for `States`.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl Hasher for AddressHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only addresses are hashed here; anything else still hashes consistently.
+        bytes
+            .iter()
+            .for_each(|&b| self.write_usize(self.0 as usize ^ usize::from(b)));
+    }
+    fn write_usize(&mut self, n: usize) {
+        // Addresses share their low bits (alignment): spread every bit over the whole word.
+        let h = (n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = h ^ (h >> 29);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// The state entries by their keys' addresses.
+type ById<'py> = HashMap<usize, Bound<'py, PyAny>, BuildHasherDefault<AddressHasher>>;
+
+/// The optimizer's state, looked up by parameter. A dict lookup of a tensor calls
+/// `Tensor.__hash__`, Python code, for every parameter; where it finds the same entries, the
+/// keys' identities are read in one pass over the dict at the first lookup instead: every key
+/// is exactly a tensor and torch hashes tensors by identity, so distinct keys never hash alike
+/// and the dict never compares keys with `==`.
+struct States<'py> {
+    dict: Bound<'py, PyDict>,
+    /// Built at the first lookup (a model on another device leaves before any); None inside
+    /// where the dict's own lookup is used.
+    by_id: Option<Option<ById<'py>>>,
+}
+
+impl<'py> States<'py> {
+    fn new(dict: Bound<'py, PyDict>) -> Self {
+        Self { dict, by_id: None }
+    }
+
+    /// `dict[p]`, or None where `p` has no entry.
+    fn get(&mut self, th: &Torch, p: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+        if self.by_id.is_none() {
+            self.by_id = Some(self.index(th)?);
+        }
+        match self.by_id.as_ref().and_then(Option::as_ref) {
+            Some(map) => Ok(map.get(&(p.as_ptr() as usize)).cloned()),
+            None => self.dict.get_item(p),
+        }
+    }
+
+    fn index(&self, th: &Torch) -> PyResult<Option<ById<'py>>> {
+        if !th.hashes_by_identity(self.dict.py())? {
+            return Ok(None);
+        }
+        let mut map = HashMap::with_capacity_and_hasher(self.dict.len(), Default::default());
+        for (key, value) in self.dict.iter() {
+            if !tensor::is_exact_tensor(&key, th) {
+                return Ok(None);
+            }
+            map.insert(key.as_ptr() as usize, value);
+        }
+        Ok(Some(map))
+    }
+}
+
+fn entry<'py>(
+    th: &Torch,
+    states: &mut States<'py>,
+    p: &Bound<'py, PyAny>,
+) -> PyResult<Option<Entry<'py>>> {
     let py = p.py();
-    let Some(state) = states.get_item(p)? else {
+    let Some(state) = states.get(th, p)? else {
         return Ok(None);
     };
     let Ok(state) = state.cast_into_exact::<PyDict>() else {
@@ -90,7 +163,7 @@ fn entry<'py>(states: &Bound<'py, PyDict>, p: &Bound<'py, PyAny>) -> PyResult<Op
 /// One group's lists, or `None` where a parameter is not plain.
 fn group_input<'py>(
     th: &Torch,
-    states: &Bound<'py, PyDict>,
+    states: &mut States<'py>,
     gi: usize,
     config: Bound<'py, Config>,
     params: &Bound<'py, PyAny>,
@@ -144,7 +217,7 @@ fn group_input<'py>(
         if !tensor::is_exact_tensor(&grad, th) {
             return Ok(None);
         }
-        let Some(e) = entry(states, &p)? else {
+        let Some(e) = entry(th, states, &p)? else {
             return Ok(None);
         };
         if let Some(maxs) = g.max_exp_avg_sqs.as_mut() {
@@ -190,12 +263,12 @@ pub(crate) fn step_plain<'py>(
     if !(state.get_type().is(defaultdict(py)?.bind(py)) || state.is_exact_instance_of::<PyDict>()) {
         return Ok(None);
     }
-    let states = state.cast::<PyDict>()?;
+    let mut states = States::new(state.cast_into::<PyDict>()?);
     let mut inputs = Vec::with_capacity(groups.len());
     let mut dicts = Vec::new();
     for (gi, group) in groups.iter().enumerate() {
         let (config, params): (Bound<'py, Config>, Bound<'py, PyAny>) = group.extract()?;
-        match group_input(th, states, gi, config, &params, seed, &mut dicts)? {
+        match group_input(th, &mut states, gi, config, &params, seed, &mut dicts)? {
             Some(g) => inputs.push(g),
             None => return Ok(None),
         }

@@ -56,6 +56,8 @@ pub(crate) struct Torch {
     dtypes: Vec<(Py<PyAny>, DType, bool)>,
     /// torch's objects are laid out as `prefetch` assumes: cache hints may be given.
     pub(crate) hints: bool,
+    /// `torch.Tensor.__hash__` as torch defines it (the object's identity), if it is that.
+    identity_hash: Option<Py<PyAny>>,
 }
 
 pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
@@ -76,6 +78,7 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
         dtypes.push((m.getattr(name)?.unbind(), dtype, complex));
     }
     let tensor = m.getattr("Tensor")?;
+    let identity_hash = identity_hash(&tensor)?;
     let t = Torch {
         is_neg: tensor.getattr("is_neg")?.unbind(),
         is_conj: tensor.getattr("is_conj")?.unbind(),
@@ -91,6 +94,7 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
         strided: m.getattr("strided")?.unbind(),
         dtypes,
         hints: crate::prefetch::layout_holds(py),
+        identity_hash,
     };
     Ok(TORCH.get_or_init(|| t))
 }
@@ -220,7 +224,26 @@ fn call_one<'py>(f: &Py<PyAny>, t: &Bound<'py, PyAny>) -> PyResult<Bound<'py, Py
     }
 }
 
+/// `torch.Tensor.__hash__` if it hashes a tensor by its identity, as torch defines it.
+fn identity_hash(tensor: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
+    let f = tensor.getattr("__hash__")?;
+    let probe = tensor.call0()?;
+    let by_id = probe.hash()? == probe.as_ptr() as isize;
+    Ok(by_id.then(|| f.unbind()))
+}
+
 impl Torch {
+    /// Whether `torch.Tensor` and `torch.nn.Parameter` still hash by identity (nobody replaced
+    /// `__hash__` since torch was looked up): then a dict lookup of an exact tensor finds the
+    /// key that is that very object, and never compares keys with `==`.
+    pub(crate) fn hashes_by_identity(&self, py: Python<'_>) -> PyResult<bool> {
+        let Some(f) = &self.identity_hash else {
+            return Ok(false);
+        };
+        let key = intern!(py, "__hash__");
+        Ok(self.tensor.bind(py).getattr(key)?.is(f) && self.parameter.bind(py).getattr(key)?.is(f))
+    }
+
     /// Whether `ty` is exactly `torch.Tensor` or `torch.nn.Parameter` (no subclass).
     pub(crate) fn is_exact_tensor_type(&self, ty: *mut ffi::PyTypeObject) -> bool {
         let ty = ty.cast::<ffi::PyObject>();
