@@ -80,6 +80,28 @@ def test_failing_or_idle_contender_is_na():
     assert rows["broken"][1] == "n/a" and "no such optimizer" in rows["broken"][2]
 
 
+def test_rounds_measure_rustadam_and_fused_back_to_back_alternating_the_lead():
+    """The pair the targets compare runs first, adjacent, each leading every other round; the
+    tables keep the listed order."""
+    order = []
+
+    def make(name):
+        def factory(params):
+            order.append(name)
+            return torch.optim.SGD(params, lr=0.1)
+
+        return factory
+
+    names = ["other", bench.RUST, "slow", bench.FUSED]
+    entries = [bench.Contender(n, make(n)) for n in names]
+    cr = bench.run_case(bench.make_cases(quick=True)["e"], 1, 4, 1, entries=entries, rounds=4)
+    rounds = [order[i : i + 4] for i in range(0, 16, 4)]
+    assert rounds[0] == [bench.RUST, bench.FUSED, "other", "slow"]
+    assert rounds[1] == [bench.FUSED, bench.RUST, "other", "slow"]
+    assert rounds[2] == rounds[0] and rounds[3] == rounds[1]
+    assert [r.name for r in cr.results] == [bench.ROOFLINE, *names]
+
+
 def test_targets_pass_and_miss():
     cases = bench.make_cases(quick=True)
 

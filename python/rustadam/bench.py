@@ -18,8 +18,11 @@ elements; (c) the 148 parameter tensors of GPT-2 small (124,439,808 float32 elem
 fits in the caches; (f) the demo's MLP (128×64, 128, 10×128, 10 float32).
 
 Contenders in turn, in three rounds (``--rounds``) that each measure a third of the steps, so a
-drift of the machine's memory bandwidth during the run reaches all of them; each on fresh copies
-of the same initial parameters with the same gradients (freed before the next):
+drift of the machine's memory bandwidth during the run reaches all of them; ``rustadam.Adam``
+(the Rust core) and torch fused, whose ratio the targets take, run back to back in each round
+(which of the two goes first alternates), so that they meet the machine in the same state.
+Each contender runs on fresh copies of the same initial parameters with the same gradients
+(freed before the next):
 ``rustadam.Adam`` with ``backend="auto"`` (the Rust core) and ``backend="torch"`` (the
 per-operation torch path), and ``torch.optim.Adam`` with ``fused=True``, ``foreach=True`` and
 the for-loop (``foreach=False, fused=False``). All run the
@@ -333,6 +336,15 @@ def measure(
     return res
 
 
+def _round_order(entries: list[Contender], rnd: int) -> list[Contender]:
+    """The contenders in the order round ``rnd`` measures them: rustadam (auto) and torch
+    fused first, back to back, each leading in every other round; then the rest as listed."""
+    pair = [c for c in entries if c.name in (RUST, FUSED)]
+    if rnd % 2:
+        pair.reverse()
+    return pair + [c for c in entries if c.name not in (RUST, FUSED)]
+
+
 def run_case(
     case: Case,
     threads: int,
@@ -371,7 +383,7 @@ def run_case(
         if share(n):
             log(f"({case.key}) roofline, round {rnd + 1}/{rounds}")
             add(measure_roofline(p0, grads, threads, warmup, share(n), collect))
-        for c in entries:
+        for c in _round_order(entries, rnd):
             capped = c.slow and case.large
             total = min(n, CAPPED_STEPS) if capped else n
             if not share(total):
