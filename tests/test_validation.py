@@ -142,6 +142,31 @@ def test_rust_backend_names_the_tensor_it_cannot_take(make: Callable) -> None:
     assert reason in message
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "foreach"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_meta_parameters_step_as_torch_adam_steps_them(backend: str, amsgrad: bool) -> None:
+    """Meta tensors (shapes without memory, as in deferred initialisation) share no memory and
+    compute nothing: they step as torch.optim.Adam steps them, into the same state."""
+
+    def run(make: Callable) -> list[dict[str, Any]]:
+        ps = [torch.nn.Parameter(torch.zeros(s, device="meta")) for s in ((3, 2), (4,))]
+        opt = make(ps)
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.zeros(p.shape, device="meta")
+            opt.step()
+        return [
+            {
+                k: int(v) if k == "step" else (v.shape, v.dtype, v.device)
+                for k, v in opt.state[p].items()
+            }
+            for p in ps
+        ]
+
+    ours = run(lambda ps: Adam(ps, backend=backend, amsgrad=amsgrad))
+    assert ours == run(lambda ps: torch.optim.Adam(ps, amsgrad=amsgrad))
+
+
 def to_np(t: torch.Tensor) -> np.ndarray:
     return t.detach().resolve_neg().numpy().astype(np.float64)
 

@@ -174,8 +174,9 @@ _ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "compensat
 
 
 def _span(t: torch.Tensor) -> Optional[tuple[Any, int, int]]:
-    """(storage, first byte, end byte) of a tensor's memory, None where it has none of its own."""
-    if t.numel() == 0:
+    """(storage, first byte, end byte) of a tensor's memory, None where it has none of its own
+    (empty, on the meta device, or a wrapper)."""
+    if t.numel() == 0 or t.device.type == "meta":
         return None
     try:
         storage = (t.device, t.untyped_storage().data_ptr())
