@@ -13,9 +13,11 @@ pub(crate) fn bf16_to_f32(x: bf16) -> f32 {
 #[inline(always)]
 pub(crate) fn f32_to_bf16(x: f32) -> bf16 {
     let b = x.to_bits();
-    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
-    let quiet_nan = ((b >> 16) | 0x0040) as u16;
-    bf16::from_bits(if x.is_nan() { quiet_nan } else { rounded })
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let quiet_nan = (b >> 16) | 0x0040;
+    // Selected in 32-bit lanes and narrowed once: selecting the narrowed halves made the
+    // compiler narrow the mask as well.
+    bf16::from_bits((if x.is_nan() { quiet_nan } else { rounded }) as u16)
 }
 
 /// Widens an IEEE binary16 value exactly (subnormals, infinities and NaN included).
@@ -48,17 +50,19 @@ pub(crate) fn f32_to_f16(x: f32) -> f16 {
     // Adding this float aligns a subnormal result's 10 bits at the bottom, rounded by the FPU.
     const DENORM_MAGIC: u32 = ((127 - 15) + (23 - 10) + 1) << 23;
     let b = x.to_bits();
-    let sign = ((b >> 16) & 0x8000) as u16;
+    let sign = (b >> 16) & 0x8000;
     let u = b & 0x7fff_ffff;
-    let inf_nan: u16 = if u > F32_INF { 0x7e00 } else { 0x7c00 };
+    let inf_nan: u32 = if u > F32_INF { 0x7e00 } else { 0x7c00 };
     let sub = (f32::from_bits(u) + f32::from_bits(DENORM_MAGIC))
         .to_bits()
-        .wrapping_sub(DENORM_MAGIC) as u16;
+        .wrapping_sub(DENORM_MAGIC)
+        & 0xffff;
     let mant_odd = (u >> 13) & 1;
-    let normal = (u
+    let normal = u
         .wrapping_add(((15u32.wrapping_sub(127)) << 23).wrapping_add(0xfff))
         .wrapping_add(mant_odd)
-        >> 13) as u16;
+        >> 13;
+    // Selected in 32-bit lanes and narrowed once (see `f32_to_bf16`).
     let out = if u >= F16_OVERFLOW {
         inf_nan
     } else if u < (113 << 23) {
@@ -66,7 +70,7 @@ pub(crate) fn f32_to_f16(x: f32) -> f16 {
     } else {
         normal
     };
-    f16::from_bits(out | sign)
+    f16::from_bits((out | sign) as u16)
 }
 
 /// Stochastic rounding to bfloat16 with random bits `r` (docs/NUMERICS.md): adding 16 random low
