@@ -258,6 +258,9 @@ impl Job<'_> {
             Job::F32(c) => kernel::run::<f32, NEAREST>(level, work, &c.k, &mut c.b),
             Job::F64(c) => kernel::run::<f64, NEAREST>(level, work, &c.k, &mut c.b),
             Job::BF16(c) => run_half(level, work, c),
+            Job::F16(c) if work.rounding() == Rounding::Nearest => {
+                kernel::run_f16_nearest(level, work, &c.k, &mut c.b)
+            }
             Job::F16(c) => run_half(level, work, c),
         }
     }

@@ -486,3 +486,87 @@ fn a_host_thread_pool_gives_the_same_bits() {
         }
     }
 }
+
+/// Special 16-bit values: zeros, subnormals, the extremes, infinities, NaNs of both signs.
+fn special_f16(rng: &mut Rng, n: usize) -> Vec<rustadam::f16> {
+    use rustadam::f16;
+    let specials = [
+        0x0000u16, 0x8000, 0x0001, 0x8001, 0x03ff, 0x0400, 0x7bff, 0xfbff, 0x7c00, 0xfc00, 0x7e00,
+        0xfe00, 0x7c01, 0x7fff, 0xffff, 0x3c00, 0x0200,
+    ];
+    (0..n)
+        .map(|i| {
+            let r = rng.next();
+            if i % 5 == 0 {
+                f16::from_bits(
+                    specials[(r.abs() * specials.len() as f64) as usize % specials.len()],
+                )
+            } else {
+                // Magnitudes from the subnormals to the largest values.
+                f16::from_f32((r * 2f64.powf(rng.next() * 40.0 - 24.0)) as f32)
+            }
+        })
+        .collect()
+}
+
+/// float16 gives the same bits at every SIMD level (the AVX-512 path converts with the CPU's
+/// own instructions): any length, chunk boundary, weight decay, form and AMSGrad, on values
+/// including subnormals, infinities and NaNs; a NaN is stored as the quiet NaN of its sign.
+#[test]
+fn f16_bit_identical_across_simd_levels_on_special_values() {
+    use rustadam::f16;
+    let mut rng = Rng(29);
+    let n = 1_000;
+    let bufs: Vec<Vec<f16>> = (0..5).map(|_| special_f16(&mut rng, n)).collect();
+    let run = |cfg: &AdamConfig, level: SimdLevel, chunk_len: usize| {
+        let (mut p, g, mut m, mut v, mut vmax) = (
+            bufs[0].clone(),
+            bufs[1].clone(),
+            bufs[2].clone(),
+            bufs[3].clone(),
+            bufs[4].clone(),
+        );
+        let o = ExecOptions {
+            num_threads: 2,
+            simd: Some(level),
+            chunk_len,
+            fork_join: None,
+        };
+        for t in 1..=2 {
+            let mut refs = TensorRefs::new(&mut p, &g, &mut m, &mut v, t);
+            if cfg.amsgrad {
+                refs = refs.with_max_exp_avg_sq(&mut vmax);
+            }
+            step_tensors(cfg, &mut [AnyTensor::from(refs)], &o).unwrap();
+        }
+        // The maximum is written (and compared) only with AMSGrad.
+        let written = if cfg.amsgrad { 4 } else { 3 };
+        [p, m, v, vmax][..written]
+            .iter()
+            .flatten()
+            .map(|x| x.to_bits())
+            .collect::<Vec<u16>>()
+    };
+    for cfg in configs() {
+        for amsgrad in [false, true] {
+            let cfg = cfg.amsgrad(amsgrad);
+            let reference = run(&cfg, SimdLevel::Portable, 1 << 16);
+            for level in SimdLevel::available() {
+                for chunk_len in [17, 100, 1 << 16] {
+                    let got = run(&cfg, level, chunk_len);
+                    for (i, (&a, &b)) in got.iter().zip(&reference).enumerate() {
+                        let nan = |x: u16| x & 0x7fff > 0x7c00;
+                        assert!(
+                            a == b || (nan(a) && nan(b) && a & 0x7fff == 0x7e00),
+                            "{level:?}, chunk {chunk_len}, value {i}: {a:#06x} vs {b:#06x} ({cfg:?})"
+                        );
+                    }
+                    assert!(got
+                        .iter()
+                        .filter(|&&x| x & 0x7fff > 0x7c00)
+                        .all(|&x| x & 0x7fff == 0x7e00));
+                }
+            }
+        }
+    }
+}
