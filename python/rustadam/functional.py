@@ -248,34 +248,47 @@ def run_groups(
     # the core's checks and its writes.
     for gi, k, _ in other:
         check_entry(works[gi].label(k), works[gi].entry(k))
+    _refuse_duplicates(works)
+    if other and any(core_pos):
+        core = [(gi, k) for gi, pos in enumerate(core_pos) for k in pos]
+        _refuse_shared_with_core(works, core, [(gi, k) for gi, k, _ in other])
     plan = None
     if any(core_pos):
-        try:
-            plan = _core.plan(core_in, strict=backend == "rust")
-        except _core.StepError as e:
-            gi, k, kind, reason = e.args
-            w = works[gi]
-            label = w.label(core_pos[gi][k])
-            if kind == "fatal":
-                raise RuntimeError(f"{label}: {reason}") from None
-            raise RuntimeError(
-                f"rustadam.Adam cannot step {label} on the Rust core: {reason}"
-            ) from None
-        for gi, k, _ in plan.deferred:
-            k = core_pos[gi][k]
+        plan = _plan(works, core_in, core_pos, backend)
+        deferred = [(gi, core_pos[gi][k]) for gi, k, _ in plan.deferred]
+        for gi, k in deferred:
             w = works[gi]
             check_entry(w.label(k), w.entry(k))
             other.append((gi, k, "triton" if _triton_ok(w.params[k]) else "foreach"))
-    written: list[torch.Tensor] = []
-    if plan is not None and len(plan):
-        if grad_scale is not None:
+        if deferred:
+            taken = set(deferred)
+            core = [(gi, k) for gi, pos in enumerate(core_pos) for k in pos if (gi, k) not in taken]
+            _refuse_shared_with_core(works, core, deferred)
+        unscale = grad_scale is not None and len(plan)
+        if unscale:
             if found_inf is not None and bool(found_inf.item()):
-                return written
+                return []
             for gi, pos in enumerate(core_pos):
                 grads = [works[gi].grads[k] for k in pos]
                 if grads:
                     torch._foreach_div_(grads, grad_scale.to(grads[0].device))
-        plan.execute(num_threads=threads(num_threads))
+        if deferred or unscale:
+            # Python code ran since the plan read the buffers (torch calls that a mode or a
+            # subclass may answer): read and check them again, so that nothing runs between
+            # the checks the core relies on and its writes.
+            plan = _plan(works, core_in, core_pos, backend)
+            again = [(gi, core_pos[gi][k]) for gi, k, _ in plan.deferred]
+            if again != deferred:
+                raise RuntimeError(
+                    "the parameters changed while rustadam.Adam checked them (did a "
+                    "__torch_function__ or a mode change them?); nothing was written"
+                )
+    written: list[torch.Tensor] = []
+    if plan is not None and len(plan):
+        try:
+            plan.execute(num_threads=threads(num_threads))
+        except _core.StepError as e:
+            raise _step_error(works, core_pos, e) from None
         # What the core writes: parameters and states (gradients are only read).
         for lists in core_in:
             for ts in (lists[1], lists[3], lists[4], lists[5], lists[6]):
@@ -303,6 +316,62 @@ def run_groups(
                 found_inf=found_inf,
             )
     return written
+
+
+def _step_error(works: list[GroupWork], core_pos: list[list[int]], e: Any) -> RuntimeError:
+    """The core's refusal of its ``k``-th buffer of group ``gi``, naming the parameter."""
+    gi, k, kind, reason = e.args
+    label = works[gi].label(core_pos[gi][k])
+    if kind == "fatal":
+        return RuntimeError(f"{label}: {reason}")
+    return RuntimeError(f"rustadam.Adam cannot step {label} on the Rust core: {reason}")
+
+
+def _plan(
+    works: list[GroupWork], core_in: list[tuple[Any, ...]], core_pos: list[list[int]], backend: str
+) -> Any:
+    try:
+        return _core.plan(core_in, strict=backend == "rust")
+    except _core.StepError as e:
+        raise _step_error(works, core_pos, e) from None
+
+
+def _refuse_duplicates(works: list[GroupWork]) -> None:
+    """A parameter listed twice: torch.optim's for-loop steps it twice (t + 1, then t + 2, a
+    use torch deprecates); the batched paths would apply both updates with one count."""
+    seen: dict[int, tuple[int, int]] = {}
+    for gi, w in enumerate(works):
+        for k, p in enumerate(w.params):
+            first = seen.setdefault(id(p), (gi, k))
+            if first != (gi, k):
+                raise RuntimeError(
+                    f"{w.label(k)}: it is the same tensor as {works[first[0]].label(first[1])}; "
+                    "list each parameter once (backend='torch' steps a repeated parameter once "
+                    "per listing, as torch.optim does)"
+                )
+
+
+def _refuse_shared_with_core(
+    works: list[GroupWork], core: list[tuple[int, int]], others: list[tuple[int, int]]
+) -> None:
+    """The core steps its parameters before the paths step the others: one of those sharing
+    memory with a core parameter would be stepped out of order."""
+    spans = [
+        (gi, k, sp)
+        for gi, k in core
+        for t in works[gi].entry(k)
+        if t is not None and (sp := _span(t)) is not None
+    ]
+    for gi, k in others:
+        for t in works[gi].entry(k):
+            sp = None if t is None else _span(t)
+            for cgi, ck, csp in spans if sp is not None else ():
+                if sp[0] == csp[0] and sp[1] < csp[2] and csp[1] < sp[2]:
+                    raise RuntimeError(
+                        f"{works[gi].label(k)}: it shares memory with {works[cgi].label(ck)}, "
+                        "which the Rust core steps first while this one cannot be; step them "
+                        "with backend='torch'"
+                    )
 
 
 def _lists(w: GroupWork, ks: list[int]) -> tuple[Any, ...]:

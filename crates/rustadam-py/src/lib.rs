@@ -88,6 +88,7 @@ fn simd_levels(py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     openmp::watch_fork();
+    openmp::note_fork_worker(m.py());
     m.add_function(wrap_pyfunction!(plan::plan, m)?)?;
     m.add_function(wrap_pyfunction!(adam_step, m)?)?;
     m.add_function(wrap_pyfunction!(gather::step_plain, m)?)?;

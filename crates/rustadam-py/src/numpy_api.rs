@@ -296,6 +296,18 @@ fn run(
         });
     }
     check_disjoint(&spans)?;
+    // Claimed in the process-wide registry, as torch steps claim theirs: another step (numpy or
+    // torch, in another thread) over the same memory is refused instead of racing this one.
+    let _claim = crate::registry::borrow(
+        spans
+            .iter()
+            .map(|s| layout::Span {
+                start: s.start,
+                end: s.end,
+                written: s.written,
+            })
+            .collect(),
+    )?;
     let mut tensors: Vec<AnyTensor<'_>> = entries
         .iter_mut()
         .map(|e| match e {

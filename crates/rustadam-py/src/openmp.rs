@@ -67,6 +67,25 @@ pub fn watch_fork() {
     });
 }
 
+/// Marks this process as a child made by fork() where Python says it is one although the
+/// extension was loaded after the fork: a multiprocessing worker started by "fork" (DataLoader
+/// workers among them), which imports the extension itself. Its parent's torch may have
+/// started an OpenMP team this child has without its threads.
+pub fn note_fork_worker(py: pyo3::Python<'_>) {
+    use pyo3::prelude::*;
+    let forked_worker = || -> PyResult<bool> {
+        let mp = py.import("multiprocessing")?;
+        let worker = !mp.call_method0("parent_process")?.is_none();
+        let kw = pyo3::types::PyDict::new(py);
+        kw.set_item("allow_none", true)?;
+        let method = mp.call_method("get_start_method", (), Some(&kw))?;
+        Ok(worker && method.extract::<Option<String>>()?.as_deref() == Some("fork"))
+    };
+    if forked_worker().unwrap_or(false) {
+        FORKED.store(true, Ordering::Relaxed);
+    }
+}
+
 #[cfg(target_os = "linux")]
 fn lookup() -> Option<GompParallel> {
     // SAFETY: a null handle is RTLD_DEFAULT on Linux (glibc and musl): dlsym only searches the

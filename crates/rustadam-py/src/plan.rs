@@ -4,7 +4,7 @@
 //!
 //! A plan holds the storage of each buffer it will touch, so their memory outlives the step
 //! whatever other threads do to the tensors while the GIL is released. The one precondition
-//! left to the user is torch's own: no concurrent `resize_` of a storage being stepped.
+//! left to the user is torch's own: nothing gives a stepped storage new memory meanwhile.
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -107,6 +107,8 @@ impl Problem {
 /// One parameter's checked buffers.
 struct Item {
     group: usize,
+    /// Its position in the group's lists.
+    index: usize,
     /// By `Role` order; the last two only when the group's config asks for them. Inline: a
     /// heap block per parameter made every step allocate (and fault in) memory afresh.
     bufs: [Option<Meta>; 6],
@@ -171,6 +173,7 @@ fn read_item(
 ) -> PyResult<Result<(), Problem>> {
     items.push(Item {
         group,
+        index,
         bufs: Default::default(),
         step,
         seed,
@@ -764,6 +767,7 @@ impl Plan {
         simd: Option<&str>,
     ) -> PyResult<()> {
         let opts = threads::options(num_threads, pool, simd)?;
+        self.check_in_place(py)?;
         self.run(py, opts, false)
     }
 
@@ -772,7 +776,35 @@ impl Plan {
     #[pyo3(signature = (*, num_threads))]
     fn roofline(&mut self, py: Python<'_>, num_threads: usize) -> PyResult<()> {
         let opts = threads::options(num_threads, None, None)?;
+        self.check_in_place(py)?;
         self.run(py, opts, true)
+    }
+}
+
+impl Plan {
+    /// Python code may have run since the plan was built (it is a Python object): every held
+    /// storage must still have the memory its buffer was checked in, or nothing is written.
+    fn check_in_place(&self, py: Python<'_>) -> PyResult<()> {
+        let th = tensor::torch(py)?;
+        for it in &self.items {
+            for (r, b) in Role::ALL.iter().zip(&it.bufs) {
+                let Some(m) = b else { continue };
+                if !tensor::still_in_place(py, m, th)? {
+                    return Err(refused(
+                        it.group,
+                        it.index,
+                        "fatal",
+                        format!(
+                            "the memory of its {} moved after the step was checked (its \
+                             storage was resized or moved, by share_memory_() say); nothing \
+                             was written",
+                            r.name()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -11,8 +11,23 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::PyResult;
 use rustadam::layout::{self, Span};
 
-/// The spans of each running step, by a number unique to the step.
-static RUNNING: Mutex<Vec<(u64, Vec<Span>)>> = Mutex::new(Vec::new());
+/// The spans of each running step, by a number unique to the step, and the process they run
+/// in: a child made by fork() while another thread of its parent was stepping inherits that
+/// step's claim but not the thread, so claims of another process are dropped.
+static RUNNING: Mutex<Claims> = Mutex::new((0, Vec::new()));
+
+/// (process id, [(step number, spans)]).
+type Claims = (u32, Vec<(u64, Vec<Span>)>);
+
+/// The running steps of this process.
+fn running() -> std::sync::MutexGuard<'static, Claims> {
+    let mut guard = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = std::process::id();
+    if guard.0 != pid {
+        *guard = (pid, Vec::new());
+    }
+    guard
+}
 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A step's claim on its memory; dropping it releases the claim.
@@ -20,14 +35,14 @@ pub(crate) struct Borrow(u64);
 
 impl Drop for Borrow {
     fn drop(&mut self) {
-        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-        running.retain(|(id, _)| *id != self.0);
+        running().1.retain(|(id, _)| *id != self.0);
     }
 }
 
 /// Claims `spans` for a step; RuntimeError if a running step uses any of them where one writes.
 pub(crate) fn borrow(spans: Vec<Span>) -> PyResult<Borrow> {
-    let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = running();
+    let running = &mut guard.1;
     if !running.is_empty() {
         let mine = spans.len();
         let mut all = spans.clone();

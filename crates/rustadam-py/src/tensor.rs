@@ -50,6 +50,8 @@ pub(crate) struct Torch {
     is_conj: Py<PyAny>,
     storage_offset: Py<PyAny>,
     untyped_storage: Py<PyAny>,
+    /// `torch.UntypedStorage.data_ptr`, to find a held storage's memory again.
+    storage_data_ptr: Py<PyAny>,
     /// `torch._C.DisableTorchFunction`, entered while buffers are read.
     disable_torch_function: Py<PyAny>,
     /// (torch dtype, element type, complex: each element is a pair of reals)
@@ -84,6 +86,7 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
         is_conj: tensor.getattr("is_conj")?.unbind(),
         storage_offset: tensor.getattr("storage_offset")?.unbind(),
         untyped_storage: tensor.getattr("untyped_storage")?.unbind(),
+        storage_data_ptr: m.getattr("UntypedStorage")?.getattr("data_ptr")?.unbind(),
         disable_torch_function: m.getattr("_C")?.getattr("DisableTorchFunction")?.unbind(),
         tensor: tensor.cast_into::<PyType>()?.unbind(),
         parameter: m
@@ -188,6 +191,9 @@ pub(crate) struct Meta {
     /// The storage, held so that its memory outlives the call whatever Python code does to
     /// the tensor meanwhile (`p.data = …` in another thread, say).
     pub storage: Option<Py<PyAny>>,
+    /// The storage's memory when read: its first byte and its size. A held storage can still
+    /// move its memory (`share_memory_()`, `resize_`), which `still_in_place` finds.
+    pub storage_at: (usize, usize),
 }
 
 impl Meta {
@@ -332,6 +338,7 @@ pub(crate) fn read(
         numel,
         range,
         storage: None,
+        storage_at: (0, 0),
     };
     let Some((lo, hi)) = range else {
         return Ok(Ok(meta));
@@ -353,5 +360,17 @@ pub(crate) fn read(
         return Ok(Err(Refusal::OutsideStorage { needed, nbytes }));
     }
     meta.storage = Some(storage.unbind());
+    meta.storage_at = (ptr - offset * dtype.size(), nbytes);
     Ok(Ok(meta))
+}
+
+/// Whether the storage `m` holds still has the memory it had when `m` was read (nothing moved
+/// it since: `share_memory_()`, `resize_` and the like replace a storage's memory in place).
+pub(crate) fn still_in_place(py: Python<'_>, m: &Meta, th: &Torch) -> PyResult<bool> {
+    let Some(storage) = &m.storage else {
+        return Ok(true); // an empty view: nothing is read or written
+    };
+    let storage = storage.bind(py);
+    let base: usize = call_one(&th.storage_data_ptr, storage)?.extract()?;
+    Ok((base, storage.len()?) == m.storage_at)
 }
