@@ -171,6 +171,9 @@ def test_a_parameter_listed_twice_is_refused_by_the_batched_paths(backend):
     p.grad = torch.randn(5)
     opt = Adam([p, p], lr=0.1, backend=backend)
     assert_refused_unchanged(opt, r"\['params'\]\[1\].*same tensor as .*\['params'\]\[0\]")
+    # With its state in place (the one-call step's case).
+    opt.state[p] = {"step": 1, "exp_avg": torch.zeros(5), "exp_avg_sq": torch.zeros(5)}
+    assert_refused_unchanged(opt, r"\['params'\]\[1\].*same tensor as .*\['params'\]\[0\]")
 
 
 def test_a_parameter_listed_twice_steps_as_torch_optim_on_the_torch_path():

@@ -388,6 +388,18 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
         configs.push(cfg);
     }
     let spans = mark_shared(&mut items);
+    // A parameter listed twice shares all its memory with itself: only such items can be one.
+    let mut seen = std::collections::HashSet::new();
+    for it in items.iter().filter(|it| it.sequential) {
+        if !seen.insert(groups[it.group].params[it.index].as_ptr()) {
+            return Err(refused(
+                it.group,
+                it.index,
+                "fatal",
+                "it is listed twice; list each parameter once".into(),
+            ));
+        }
+    }
     Ok(Plan {
         configs,
         items,
