@@ -14,6 +14,28 @@ if TYPE_CHECKING:
     from rustadam.optimizer import Adam
 
 
+# The group key that records a group's own WeightDecay's kind in a state_dict (see
+# Adam.state_dict); its λ is the group's weight_decay.
+GROUP_DECAY_KIND = "weight_decay_kind"
+_KINDS = {
+    "decoupled": {"weight_decouple": True, "absolute": False},
+    "absolute": {"weight_decouple": True, "absolute": True},
+    "l2": {"weight_decouple": False, "absolute": False},
+}
+
+
+def decay_kind(wd: WeightDecay) -> str:
+    """The name a WeightDecay's kind is saved under."""
+    if not wd.weight_decouple:
+        return "l2"
+    return "absolute" if wd.absolute else "decoupled"
+
+
+def group_decay(weight_decay: Any, kind: str) -> WeightDecay:
+    """The WeightDecay a saved group's ``weight_decay`` and ``weight_decay_kind`` describe."""
+    return WeightDecay(weight_decay, **_KINDS[kind])
+
+
 def check_state_dict(opt: Adam, state_dict: Any) -> None:
     """Raises ValueError if ``opt`` cannot take ``state_dict``; changes nothing."""
     if not isinstance(state_dict, Mapping):
@@ -49,13 +71,39 @@ def check_state_dict(opt: Adam, state_dict: Any) -> None:
                     f"which {type(opt).__name__} does not implement"
                 )
         _check_decay_kind(opt, gi, saved)
+        _check_group_decay(gi, saved)
+        merged = {**group, **_hyper(saved)}
+        saved_names = saved.get("param_names")
         for i, (pid, param) in enumerate(zip(ids, group["params"])):
-            where[pid] = (gi, {**group, **_hyper(saved)}, i, param)
+            # Named as this optimizer names the tensor (the shape shown is its own); a different
+            # saved name is added.
+            label = param_label(gi, group, i, param)
+            if isinstance(saved_names, (list, tuple)) and i < len(saved_names):
+                names = group.get("param_names")
+                if names is None or i >= len(names) or names[i] != saved_names[i]:
+                    label += f" (saved as {saved_names[i]!r})"
+            where[pid] = (label, merged, param)
     for pid, entry in saved_state.items():
         if pid not in where:
             continue  # torch keeps state of no listed parameter as it is
-        gi, group, i, param = where[pid]
-        _check_param_state(opt, entry, param_label(gi, group, i, param), group, param)
+        label, group, param = where[pid]
+        _check_param_state(opt, entry, label, group, param)
+
+
+def _check_group_decay(gi: int, saved: Mapping[str, Any]) -> None:
+    """A group's own WeightDecay, as Adam.state_dict saves it: a known kind and a valid λ."""
+    if GROUP_DECAY_KIND not in saved:
+        return
+    kind = saved[GROUP_DECAY_KIND]
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise ValueError(
+            f"param_groups[{gi}] of the loaded state dict has {GROUP_DECAY_KIND}={kind!r}; "
+            f"expected one of {sorted(_KINDS)}"
+        )
+    try:
+        group_decay(saved.get("weight_decay"), kind)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"param_groups[{gi}] of the loaded state dict: {e}") from None
 
 
 def _hyper(saved: Mapping[str, Any]) -> dict[str, Any]:

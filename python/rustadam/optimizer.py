@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import sys
 import threading
 from collections.abc import Iterable
@@ -17,7 +18,7 @@ from torch.optim.optimizer import (
 )
 
 from rustadam import _core, _rounding, functional
-from rustadam._state_dict import check_state_dict
+from rustadam._state_dict import GROUP_DECAY_KIND, check_state_dict, decay_kind, group_decay
 from rustadam.functional import param_label
 from rustadam.weight_decay import WeightDecay
 
@@ -43,7 +44,7 @@ def _step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(step)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         self = args[0]
-        if type(self).step is not wrapper:
+        if type(self).step is not wrapper and _torch_runs_hooks(type(self).step, wrapper):
             return step(*args, **kwargs)  # the subclass's own (torch-made) wrapper runs them
         if torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled():
             name = f"Optimizer.step#{type(self).__name__}.step"
@@ -53,6 +54,25 @@ def _step_hooks(step: Callable[..., Any]) -> Callable[..., Any]:
 
     wrapper.hooked = True  # type: ignore[attr-defined]
     return wrapper
+
+
+# The code of the wrapper torch puts around a ``step`` not marked ``hooked``.
+_TORCH_HOOK_CODE = getattr(Optimizer.profile_hook_step(lambda *a, **k: None), "__code__", None)
+
+
+def _torch_runs_hooks(outer: Any, ours: Callable[..., Any]) -> bool:
+    """Whether the ``step`` a call starts from is (or wraps, through ``__wrapped__``) torch's
+    hook wrapper before it reaches ours. A function that copied our ``hooked`` mark with
+    ``functools.wraps`` (a subclass's ``@functools.wraps(Adam.step)``, a patched class) is not
+    wrapped by torch, so our wrapper must run the hooks then."""
+    f = outer
+    for _ in range(64):  # a __wrapped__ chain is short; a cycle must not hang the step
+        if f is None or f is ours:
+            return False
+        if getattr(f, "__code__", None) is _TORCH_HOOK_CODE:
+            return True
+        f = getattr(f, "__wrapped__", None)
+    return False
 
 
 def _run_step_hooks(step: Callable[..., Any], self: Any, args: Any, kwargs: Any) -> Any:
@@ -209,18 +229,13 @@ class Adam(Optimizer):
     ) -> None:
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-        if isinstance(weight_decay, (int, float)) and not isinstance(weight_decay, bool):
+        if _is_number(weight_decay):
             weight_decay = WeightDecay(weight_decay)  # decoupled, as AdamW
         # The core's rules (and messages) validate every hyper-parameter.
         _core.Config(lr=float(lr), betas=_pair(betas), eps=eps, rounding=rounding)
         if backend not in _BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {_BACKENDS}")
-        if num_threads is not None and (
-            not isinstance(num_threads, int) or not 1 <= num_threads <= _MAX_THREADS
-        ):
-            raise ValueError(
-                f"Invalid num_threads: {num_threads!r}; expected an int from 1 to {_MAX_THREADS}"
-            )
+        _check_threads(num_threads)
         if not (callable(weight_decay) and callable(getattr(weight_decay, "defaults", None))):
             raise TypeError(
                 f"weight_decay must be a number, a WeightDecay or an object with "
@@ -321,7 +336,11 @@ class Adam(Optimizer):
         denominator.add_(_k(group["eps"], c))
         u = (mr * _k(step_size, c)).div_(denominator)
         rounding = self._rounding(group)
-        if p.dtype in _HALF and rounding == "kahan" and "compensation" in state:
+        if p.dtype in _HALF and rounding == "kahan":
+            if state.get("compensation") is None:
+                raise RuntimeError(
+                    "rounding='kahan' needs a compensation buffer for a 16-bit parameter"
+                )
             new, comp = _rounding.kahan_update(p32, u, state["compensation"], p.dtype)
             p.copy_(new)
             state["compensation"].copy_(comp)
@@ -415,6 +434,8 @@ class Adam(Optimizer):
         """Steps every parameter with a gradient, or just parameter ``only`` = (group, index)."""
         if self._skip_for_inf():
             return
+        if self.num_threads is not None:  # may have been set after construction
+            _check_threads(self.num_threads)
         groups = list(enumerate(self.param_groups))
         if only is not None:
             groups = [groups[only[0]]]
@@ -462,6 +483,8 @@ class Adam(Optimizer):
             if isinstance(decay, (WeightDecay, _GroupDecay))
             else (True, False)
         )
+        if "decoupled_weight_decay" in group and "decoupled_weight_decay" not in self.defaults:
+            _check_decoupled_key(gi, group, decay)
         try:
             wd = group.get("weight_decay", 0.0)
             return _core.Config(
@@ -541,20 +564,84 @@ class Adam(Optimizer):
         only: Optional[tuple[int, int]],
     ) -> None:
         todo = []
-        base_state = type(self).init_state is Adam.init_state
+        base = self._base_methods()
         for gi, group in groups:
             for i, param, grad in self._grads(gi, group, only):
                 state = self._state(group, param, created)
-                entry = (param, grad)
-                if base_state:
-                    entry = (param, grad, state["exp_avg"], state["exp_avg_sq"])
-                functional.check_entry(param_label(gi, group, i, param), entry)
-                if "step" in state:  # refused here, before anything is stepped
-                    _next_step(state, gi, group, i, param)
-                todo.append((group, state, grad, param))
-        self._unscale([grad for _, _, grad, _ in todo])
-        for group, state, grad, param in todo:
-            self.step_param(state, group, grad, param)
+                t = self._check_per_param(base, gi, group, i, param, grad, state)
+                todo.append((group, state, grad, param, t))
+        self._unscale([entry[2] for entry in todo])
+        self._run_per_param(todo)
+
+    def _base_methods(self) -> frozenset[str]:
+        """The per-parameter methods that are the base class's (not overridden)."""
+        cls, own = type(self), self.__dict__
+        return frozenset(h for h in _HOOKS if getattr(cls, h) is Adam.__dict__[h] and h not in own)
+
+    def _check_per_param(
+        self,
+        base: frozenset[str],
+        gi: int,
+        group: dict[str, Any],
+        i: int,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        state: dict[str, Any],
+    ) -> Optional[int]:
+        """Refuses (naming the parameter) what the per-parameter methods would fail on part way,
+        before any parameter is written; returns t before this update, or None where an
+        overriding ``step_param`` keeps no step count."""
+        label = param_label(gi, group, i, param)
+        base_step = "step_param" in base
+        t = _next_step(state, gi, group, i, param) - 1 if base_step or "step" in state else None
+        # The buffers the base methods write; an overriding init_state may keep them in another
+        # dtype (the base methods cast on store), so only the base state must match exactly.
+        same_dtype = "init_state" in base
+        entry: list[Optional[torch.Tensor]] = [param, grad, None, None, None, None]
+        if base_step and "get_mv" in base:
+            entry[2] = _state_tensor(state, "exp_avg", label, param, same_dtype)
+            entry[3] = _state_tensor(state, "exp_avg_sq", label, param, same_dtype)
+            if group.get("amsgrad"):
+                entry[4] = _state_tensor(state, "max_exp_avg_sq", label, param, same_dtype)
+        if (
+            base_step
+            and "adam_update" in base
+            and param.dtype in _HALF
+            and self._rounding(group) == "kahan"
+        ):
+            if state.get("compensation") is None:
+                raise RuntimeError(
+                    f"{label}: rounding='kahan' needs a compensation buffer for a 16-bit parameter"
+                )
+            entry[5] = _state_tensor(state, "compensation", label, param, True)
+        if grad.device != param.device:
+            raise RuntimeError(
+                f"{label}: its gradient is on {grad.device}, the parameter on {param.device}"
+            )
+        _written_in_place(param, "parameter", label)
+        functional.check_entry(label, tuple(entry))
+        return t
+
+    def _run_per_param(
+        self, todo: list[tuple[dict[str, Any], dict[str, Any], torch.Tensor, torch.Tensor, Any]]
+    ) -> None:
+        """Steps checked parameters one at a time with the per-parameter methods."""
+        done = 0
+        try:
+            for group, state, grad, param, t in todo:
+                if t is not None and type(state["step"]) is not int:
+                    state["step"] = t  # a tensor count counts as an int, as on the core
+                done += 1
+                self.step_param(state, group, grad, param)
+        finally:
+            # The methods write through .data, which autograd does not see: bump the version of
+            # every tensor they may have written, as the core's path does.
+            written = []
+            for _group, state, _grad, param, _t in todo[:done]:
+                written.append(param)
+                written.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+            if written:
+                torch._C._increment_version(written)
 
     def _skip_for_inf(self) -> bool:
         """GradScaler found inf/NaN gradients: the step changes nothing (step counts included)."""
@@ -595,7 +682,11 @@ class Adam(Optimizer):
             for i, param, grad in self._grads(gi, group, only):
                 state = self._state(group, param, created)
                 # The buffers the core steps (a DTensor's local shards where it has them).
-                bp, bg, m, v = param, grad, state["exp_avg"], state["exp_avg_sq"]
+                m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+                if not (isinstance(m, torch.Tensor) and isinstance(v, torch.Tensor)):
+                    _state_entry(state, "exp_avg", gi, group, i, param)
+                    _state_entry(state, "exp_avg_sq", gi, group, i, param)
+                bp, bg = param, grad
                 sharded = dtensor is not None and (
                     isinstance(param, dtensor) or isinstance(grad, dtensor)
                 )
@@ -614,7 +705,8 @@ class Adam(Optimizer):
                                     f"{param_label(gi, group, i, param)} on the Rust core: its "
                                     "gradient and state are not all DTensors sharded like it"
                                 )
-                            dtensor_steps.append((gi, group, i, state, grad, param))
+                            t = _next_step(state, gi, group, i, param) - 1
+                            dtensor_steps.append((gi, group, i, state, grad, param, t))
                             continue
                         bufs = list(local)
                     bp, bg, m, v = bufs[:4]
@@ -628,7 +720,7 @@ class Adam(Optimizer):
                 exp_avg_sqs.append(v)
                 positions.append(i)
                 states.append(state)
-                t = state["step"]
+                t = state.get("step")
                 # The common case inline; anything else is checked (and named) by _next_step.
                 if type(t) is not int or not 0 <= t < _MAX_STEP:
                     t = _next_step(state, gi, group, i, param) - 1
@@ -654,7 +746,7 @@ class Adam(Optimizer):
                 )
             )
             states_of.append(states)
-        for gi, group, i, _state, grad, param in dtensor_steps:
+        for gi, group, i, _state, grad, param, _t in dtensor_steps:
             functional.check_entry(param_label(gi, group, i, param), (param, grad))
         written = functional.run_groups(
             works,
@@ -668,9 +760,8 @@ class Adam(Optimizer):
         if written:
             # Autograd must see that the step changed these tensors in place.
             torch._C._increment_version(written)
-        self._unscale([grad for *_, grad, _ in dtensor_steps])
-        for _gi, group, _i, state, grad, param in dtensor_steps:
-            self.step_param(state, group, grad, param)
+        self._unscale([entry[4] for entry in dtensor_steps])
+        self._run_per_param([(g, st, gr, p, t) for _gi, g, _i, st, gr, p, t in dtensor_steps])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a parameter group, as torch does.
@@ -679,13 +770,26 @@ class Adam(Optimizer):
         decay; a :class:`WeightDecay` given there decides the group's decay (its kind and λ).
         """
         wd = param_group.get("weight_decay") if isinstance(param_group, dict) else None
-        if wd is not None and not isinstance(wd, (int, float, WeightDecay)):
+        if wd is not None and not (_is_number(wd) or isinstance(wd, WeightDecay)):
             raise TypeError(f"a group's weight_decay must be a number or a WeightDecay, got {wd!r}")
         super().add_param_group(param_group)
         if getattr(self, "gradient_release", False):
             self._hook_params()
 
     # ---- torch.optim plumbing --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, with plain data only, so that ``torch.load(weights_only=True)``
+        reads it: a group's own :class:`WeightDecay` is saved as its λ (``weight_decay``) and
+        its kind (``weight_decay_kind``: ``"decoupled"``, ``"absolute"`` or ``"l2"``), which
+        :meth:`load_state_dict` turns back into the object."""
+        state_dict = super().state_dict()
+        for group in state_dict.get("param_groups", ()):
+            wd = group.get("weight_decay") if isinstance(group, dict) else None
+            if type(wd) is WeightDecay:
+                group["weight_decay"] = wd.weight_decay
+                group[GROUP_DECAY_KIND] = decay_kind(wd)
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state_dict of this optimizer or of ``torch.optim.Adam`` / ``AdamW``.
@@ -723,6 +827,10 @@ class Adam(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        for group in self.param_groups:  # a group's own WeightDecay, as state_dict() saved it
+            if GROUP_DECAY_KIND in group:
+                kind = group.pop(GROUP_DECAY_KIND)
+                group["weight_decay"] = group_decay(group["weight_decay"], kind)
         # torch.optim.Adam keeps `step` as a float tensor; the reference design counts with an int.
         for s in self.state.values():
             step = s.get("step") if isinstance(s, dict) else None
@@ -782,6 +890,53 @@ def _placed(groups: list[dict[str, Any]], at: Optional[tuple[int, int]], param: 
     return at[1] < len(params) and params[at[1]] is param
 
 
+def _is_number(x: Any) -> bool:
+    """A real number as torch.optim.AdamW takes one for weight_decay: Python and numpy scalars
+    (``numbers.Real``) and 1-element real tensors; not a bool."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1 and not x.is_complex()
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_decoupled_key(gi: int, group: dict[str, Any], decay: Any) -> None:
+    """torch.optim.Adam's ``decoupled_weight_decay`` picks the kind of decay; here the
+    WeightDecay does. The key is taken where it agrees (or λ = 0) and refused where it does
+    not, so it never changes the math unseen."""
+    wanted = group["decoupled_weight_decay"]
+    wd = group.get("weight_decay", 0.0)
+    lam = wd.weight_decay if isinstance(wd, WeightDecay) else wd
+    try:
+        if float(lam) == 0.0:
+            return
+    except (TypeError, ValueError):
+        return  # not a number: _config names that
+    if isinstance(decay, (WeightDecay, _GroupDecay)):
+        if bool(wanted) == decay.weight_decouple and not (wanted and decay.absolute):
+            return
+        have = repr(decay.decay if isinstance(decay, _GroupDecay) else decay)
+    else:
+        have = f"{type(decay).__name__} (its kind is its own)"
+    kind = "decoupled (AdamW)" if wanted else "L2"
+    raise ValueError(
+        f"param_groups[{gi}] sets decoupled_weight_decay={wanted!r} (torch.optim.Adam's {kind} "
+        f"weight decay), but its weight decay is {have}; rustadam.Adam takes the kind from the "
+        f"WeightDecay: give WeightDecay({lam}, weight_decouple={bool(wanted)}) as the optimizer's "
+        "or the group's weight_decay, or remove the key"
+    )
+
+
+def _check_threads(num_threads: Any) -> None:
+    """``num_threads``: None or an int from 1 to 1024 (ValueError naming it otherwise)."""
+    if num_threads is not None and (
+        isinstance(num_threads, bool)
+        or not isinstance(num_threads, int)
+        or not 1 <= num_threads <= _MAX_THREADS
+    ):
+        raise ValueError(
+            f"Invalid num_threads: {num_threads!r}; expected an int from 1 to {_MAX_THREADS}"
+        )
+
+
 def _pair(betas: Any) -> tuple[float, float]:
     b1, b2 = betas
     return float(b1), float(b2)
@@ -789,8 +944,9 @@ def _pair(betas: Any) -> tuple[float, float]:
 
 def _k(x: float, dtype: torch.dtype) -> float:
     """A float64 hyper-parameter rounded once to the compute type, as the core rounds it."""
+    x = float(x)  # a 1-element tensor too (torch.tensor(tensor) would warn and keep its dtype)
     if dtype == torch.float64:
-        return float(x)
+        return x
     return float(torch.tensor(x, dtype=torch.float64).to(dtype).item())
 
 
@@ -800,10 +956,24 @@ def _param_seed(seed: int, gi: int, i: int) -> int:
 
 
 def _next_step(state: dict[str, Any], gi: int, group: dict[str, Any], i: int, p: Any) -> int:
-    """t after this update, checked: a count from 0 that fits in 63 bits."""
+    """t after this update, checked: a count from 0 that fits in 63 bits (torch.optim.Adam's
+    one-element tensor holding a whole number counts as one)."""
+    if "step" not in state:
+        raise RuntimeError(
+            f"{param_label(gi, group, i, p)}: its state has no 'step' (the count of its updates)"
+        )
     step = state["step"]
-    if isinstance(step, torch.Tensor):
-        step = int(step.item())
+    if (
+        isinstance(step, torch.Tensor)
+        and step.numel() == 1
+        and step.device.type != "meta"
+        and not step.is_complex()
+    ):
+        value = step.item()
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            step = value
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < _MAX_STEP:
         raise RuntimeError(
             f"{param_label(gi, group, i, p)}: its state has step={step!r}; "
@@ -815,13 +985,57 @@ def _next_step(state: dict[str, Any], gi: int, group: dict[str, Any], i: int, p:
 def _state_entry(
     state: dict[str, Any], key: str, gi: int, group: dict[str, Any], i: int, p: Any
 ) -> torch.Tensor:
+    return _state_tensor_only(state, key, param_label(gi, group, i, p))
+
+
+def _state_tensor_only(state: dict[str, Any], key: str, label: str) -> torch.Tensor:
+    """``state[key]`` if it is a tensor, else a RuntimeError that names the parameter."""
     value = state.get(key)
     if not isinstance(value, torch.Tensor):
-        raise RuntimeError(
-            f"{param_label(gi, group, i, p)}: its state has no {key!r} tensor (was amsgrad "
-            "turned on after it first stepped? its state then lacks the running maximum)"
+        hint = (
+            " (was amsgrad turned on after it first stepped? its state then lacks the running "
+            "maximum)"
+            if key == "max_exp_avg_sq"
+            else ""
         )
+        got = "" if value is None else f" (it holds a {type(value).__name__})"
+        raise RuntimeError(f"{label}: its state has no {key!r} tensor{got}{hint}")
     return value
+
+
+def _state_tensor(
+    state: dict[str, Any], key: str, label: str, param: torch.Tensor, same_dtype: bool
+) -> torch.Tensor:
+    """``state[key]``, checked as a buffer the per-parameter methods write in place."""
+    value = _state_tensor_only(state, key, label)
+    if value.layout is not torch.strided:
+        raise RuntimeError(
+            f"{label}: its {key} is a {value.layout} tensor; it is written in place, so it must "
+            "be a dense (strided) tensor"
+        )
+    if value.device != param.device:
+        raise RuntimeError(
+            f"{label}: its {key} is on {value.device}, the parameter on {param.device}"
+        )
+    if same_dtype and value.dtype != param.dtype:
+        raise RuntimeError(
+            f"{label}: its {key} has dtype {value.dtype}, the parameter {param.dtype}"
+        )
+    if value.shape != param.shape:
+        raise RuntimeError(
+            f"{label}: its {key} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}"
+        )
+    _written_in_place(value, key, label)
+    return value
+
+
+def _written_in_place(t: torch.Tensor, what: str, label: str) -> None:
+    """Refuses a written buffer whose elements share memory (a stride-0, expanded view)."""
+    if any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride())):
+        raise RuntimeError(
+            f"{label}: its {what} has elements that share memory (an expanded view?); it is "
+            "written in place"
+        )
 
 
 def _labeler(gi: int, group: dict[str, Any], positions: list[int]) -> Callable[[int], str]:

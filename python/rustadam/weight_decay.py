@@ -39,6 +39,12 @@ class WeightDecay:
         except (TypeError, ValueError):
             # torch's message, with the value as given (an int stays an int).
             raise ValueError(f"Invalid weight_decay value: {weight_decay}") from None
+        if not isinstance(weight_decay, (int, float)) and callable(
+            getattr(weight_decay, "item", None)
+        ):
+            # A numpy scalar or a 1-element tensor as a plain number: the groups' default then
+            # pickles as data (torch.load(weights_only=True) refuses numpy scalars).
+            weight_decay = weight_decay.item()
         self.weight_decay = weight_decay
         self.weight_decouple = weight_decouple
         self.absolute = absolute
@@ -51,15 +57,16 @@ class WeightDecay:
         self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]
     ) -> torch.Tensor:
         """Applies the decay; returns the gradient the moments are to use."""
+        # float(): a tensor or numpy lr or λ must give the float64 factor a float gives.
+        wd = float(group["weight_decay"])
         if self.weight_decouple:
             if self.absolute:
-                param.data.mul_(1.0 - group["weight_decay"])
+                param.data.mul_(1.0 - wd)
             else:
-                # float(): a tensor lr must give the float64 factor a float lr gives.
-                param.data.mul_(1.0 - float(group["lr"]) * group["weight_decay"])
+                param.data.mul_(1.0 - float(group["lr"]) * wd)
             return grad
-        if group["weight_decay"] != 0:
-            return _l2(param.data, grad, group["weight_decay"])
+        if wd != 0:
+            return _l2(param.data, grad, wd)
         return grad
 
     def _key(self) -> tuple[float, bool, bool]:

@@ -1,0 +1,558 @@
+"""The per-parameter path, the step-hook wrapper, group values and state dicts: each test checks
+against torch.optim.Adam/AdamW, the Rust core's path, or a refusal that changes nothing."""
+
+from __future__ import annotations
+
+import functools
+import io
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rustadam import Adam, WeightDecay
+
+
+class Warmup(Adam):
+    """A subclass that overrides a per-parameter method (so it takes the per-parameter path)
+    without changing the math."""
+
+    def get_lr(self, state: dict[str, Any], group: dict[str, Any]) -> float:
+        return group["lr"]
+
+
+def torch_path(params: Any, **kwargs: Any) -> Adam:
+    return Adam(params, backend="torch", **kwargs)
+
+
+def subclass_path(params: Any, **kwargs: Any) -> Adam:
+    return Warmup(params, **kwargs)
+
+
+PER_PARAM = {"torch": torch_path, "subclass": subclass_path}
+
+
+def snapshot(opt: Adam) -> list[Any]:
+    """Every parameter, every state entry (object and value) and every step count."""
+    out = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            entries = {}
+            for key, value in opt.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    dense = value.layout is torch.strided and value.device.type != "meta"
+                    entries[key] = (value, value.clone() if dense else None)
+                else:
+                    entries[key] = (value, None)
+            out.append((p, p.detach().clone(), entries))
+    return out
+
+
+def assert_unchanged(opt: Adam, before: list[Any]) -> None:
+    now = snapshot(opt)
+    assert len(now) == len(before)
+    for (p, value, entries), (p2, value2, entries2) in zip(before, now):
+        assert p is p2 and torch.equal(value, value2)
+        assert entries.keys() == entries2.keys()
+        for key, (obj, copy) in entries.items():
+            obj2, copy2 = entries2[key]
+            if isinstance(obj, torch.Tensor):
+                assert obj2 is obj, key
+                if copy is not None:
+                    assert torch.equal(copy, copy2), key
+            else:
+                assert obj2 is obj or (type(obj2) is type(obj) is int and obj2 == obj), key
+
+
+# ---- autograd sees the per-parameter path's writes --------------------------------------------
+
+
+@pytest.mark.parametrize("path", PER_PARAM)
+def test_per_param_path_bumps_versions_so_a_stale_backward_fails_as_with_torch(path: str) -> None:
+    def stale_backward(make: Callable[[list[torch.Tensor]], Any]) -> bool:
+        p = torch.randn(5, requires_grad=True)
+        opt = make([p])
+        y = (p * p).sum()
+        y.backward(retain_graph=True)
+        opt.step()
+        try:
+            y.backward()
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e)
+            return True
+        return False
+
+    assert stale_backward(lambda ps: torch.optim.Adam(ps, lr=0.1))  # torch's behaviour
+    assert stale_backward(lambda ps: PER_PARAM[path](ps, lr=0.1))
+
+
+@pytest.mark.parametrize("path", PER_PARAM)
+def test_per_param_path_bumps_every_state_tensor_it_writes(path: str) -> None:
+    p = torch.randn(4, dtype=torch.bfloat16)
+    opt = PER_PARAM[path]([p], lr=0.1, amsgrad=True, rounding="kahan")
+    p.grad = torch.randn(4, dtype=torch.bfloat16)
+    opt.step()
+    state = opt.state[p]
+    versions = {k: v._version for k, v in state.items() if isinstance(v, torch.Tensor)}
+    assert set(versions) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "compensation"}
+    v0 = p._version
+    opt.step()
+    assert p._version > v0
+    assert all(state[k]._version > v for k, v in versions.items())
+
+
+# ---- a tensor step count -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["torch", "foreach", "subclass"])
+def test_tensor_step_counts_as_the_core_counts_it(backend: str) -> None:
+    def run(make: Callable[..., Adam], tensor_step: bool) -> tuple[torch.Tensor, Any]:
+        p = torch.ones(4)
+        opt = make([p], lr=0.1)
+        p.grad = torch.arange(4.0)
+        opt.step()
+        if tensor_step:
+            opt.state[p]["step"] = torch.tensor(1.0)  # torch.optim.Adam's format
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(20):
+                p.grad = torch.arange(4.0)
+                opt.step()
+        return p, opt.state[p]["step"]
+
+    core, core_step = run(lambda ps, **k: Adam(ps, backend="auto", **k), False)
+    if backend == "subclass":
+        make = subclass_path
+    else:
+        make = functools.partial(Adam, backend=backend)
+    ours, step = run(make, True)
+    assert core_step == 21 and type(step) is int and step == 21
+    assert torch.equal(ours, core)
+
+
+# ---- all or nothing on the per-parameter path ---------------------------------------------------
+
+
+def _bad_states() -> dict[str, Callable[[dict[str, Any], torch.Tensor], Any]]:
+    return {
+        "exp_avg on meta": lambda s, p: s.__setitem__("exp_avg", torch.zeros(5, device="meta")),
+        "exp_avg sparse": lambda s, p: s.__setitem__("exp_avg", torch.zeros(5).to_sparse()),
+        "exp_avg None": lambda s, p: s.__setitem__("exp_avg", None),
+        "exp_avg numpy": lambda s, p: s.__setitem__("exp_avg", np.zeros(5, np.float32)),
+        "exp_avg missing": lambda s, p: s.pop("exp_avg"),
+        "exp_avg float64": lambda s, p: s.__setitem__(
+            "exp_avg", torch.zeros(5, dtype=torch.float64)
+        ),
+        "exp_avg expanded": lambda s, p: s.__setitem__("exp_avg", torch.zeros(1).expand(5)),
+        "exp_avg_sq is exp_avg": lambda s, p: s.__setitem__("exp_avg_sq", s["exp_avg"]),
+        "step missing": lambda s, p: s.pop("step"),
+        "step of 2 elements": lambda s, p: s.__setitem__("step", torch.tensor([1.0, 2.0])),
+        "step on meta": lambda s, p: s.__setitem__("step", torch.tensor(1.0, device="meta")),
+        "step 1.5": lambda s, p: s.__setitem__("step", torch.tensor(1.5)),
+    }
+
+
+REASONS = {
+    "exp_avg on meta": "meta",
+    "exp_avg sparse": "sparse",
+    "exp_avg None": "no 'exp_avg' tensor",
+    "exp_avg numpy": "ndarray",
+    "exp_avg missing": "no 'exp_avg' tensor",
+    "exp_avg float64": "dtype",
+    "exp_avg expanded": "share memory",
+    "exp_avg_sq is exp_avg": "shares memory",
+    "step missing": "no 'step'",
+    "step of 2 elements": "step=",
+    "step on meta": "step=",
+    "step 1.5": "step=",
+}
+
+
+@pytest.mark.parametrize("path", PER_PARAM)
+@pytest.mark.parametrize("case", list(_bad_states()))
+def test_a_bad_later_state_is_refused_before_anything_changes(path: str, case: str) -> None:
+    torch.manual_seed(0)
+    a, b, c = torch.randn(3), torch.randn(3), torch.randn(5)
+    opt = PER_PARAM[path]([{"params": [("a", a)]}, {"params": [("b", b), ("c", c)]}], lr=0.1)
+    for t in (a, b, c):
+        t.grad = torch.randn(t.shape)
+    opt.step()
+    for t in (a, b, c):
+        t.grad = torch.randn(t.shape)
+    _bad_states()[case](opt.state[c], c)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError) as info:
+        opt.step()
+    message = str(info.value)
+    assert "parameter 'c' (param_groups[1]['params'][1])" in message, message
+    assert REASONS[case] in message, message
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("path", [*PER_PARAM, "rust"])
+def test_amsgrad_turned_on_later_is_refused_on_every_path_alike(path: str) -> None:
+    def make(params: Any, **kwargs: Any) -> Adam:
+        if path == "rust":
+            return Adam(params, backend="rust", **kwargs)
+        return PER_PARAM[path](params, **kwargs)
+
+    a, b = torch.randn(3), torch.randn(4)
+    opt = make([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(4)
+    opt.step()
+    opt.param_groups[0]["amsgrad"] = True
+    opt.state[a]["max_exp_avg_sq"] = torch.zeros(3)  # only the later one lacks it
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"\['params'\]\[1\].*no 'max_exp_avg_sq' tensor"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+KAHAN = {
+    "compensation missing": lambda s, p: s.pop("compensation"),
+    "compensation None": lambda s, p: s.__setitem__("compensation", None),
+    "compensation expanded": lambda s, p: s.__setitem__(
+        "compensation", torch.zeros(1, dtype=torch.bfloat16).expand(10)
+    ),
+    "compensation is exp_avg": lambda s, p: s.__setitem__("compensation", s["exp_avg"]),
+    "compensation is the param": lambda s, p: s.__setitem__("compensation", p.data),
+}
+
+
+@pytest.mark.parametrize("path", [*PER_PARAM, "auto"])
+@pytest.mark.parametrize("case", list(KAHAN))
+def test_a_bad_kahan_compensation_is_refused_as_on_the_core(path: str, case: str) -> None:
+    def make(params: Any, **kwargs: Any) -> Adam:
+        if path == "auto":
+            return Adam(params, **kwargs)
+        return PER_PARAM[path](params, **kwargs)
+
+    torch.manual_seed(0)
+    a, b = torch.randn(6, dtype=torch.bfloat16), torch.randn(10, dtype=torch.bfloat16)
+    opt = make([{"params": [a]}, {"params": [b]}], lr=0.1, rounding="kahan")
+    for t in (a, b):
+        t.grad = torch.randn(t.shape, dtype=t.dtype)
+    opt.step()
+    for t in (a, b):
+        t.grad = torch.randn(t.shape, dtype=t.dtype)
+    KAHAN[case](opt.state[b], b)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\]"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("path", [*PER_PARAM, "auto"])
+def test_kahan_set_on_a_group_later_is_refused_as_on_the_core(path: str) -> None:
+    p = torch.randn(3).bfloat16()
+    opt = Adam([p], lr=0.1) if path == "auto" else PER_PARAM[path]([p], lr=0.1)
+    p.grad = torch.ones(3).bfloat16()
+    opt.step()
+    opt.param_groups[0]["rounding"] = "kahan"
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match="rounding='kahan' needs a compensation buffer"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+def test_kahan_in_adam_update_without_compensation_is_refused() -> None:
+    class OwnState(Adam):  # keeps no compensation buffer
+        def init_state(self, state: dict[str, Any], group: dict[str, Any], param: Any) -> None:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+
+    p = torch.randn(3).bfloat16()
+    p.grad = torch.ones(3).bfloat16()
+    opt = OwnState([p], lr=0.1, rounding="kahan")
+    with pytest.raises(RuntimeError, match="needs a compensation buffer"):
+        opt.step()
+    assert opt.state[p] == {}  # a first step that failed leaves no state
+
+
+# ---- partial states on the fast paths are refused by name ---------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["auto", "rust", "foreach", "torch"])
+@pytest.mark.parametrize(
+    "case",
+    ["exp_avg None", "exp_avg numpy", "exp_avg missing", "step missing", "step of 2 elements"],
+)
+def test_partial_state_is_refused_naming_the_parameter(backend: str, case: str) -> None:
+    a, b, c = torch.randn(3), torch.randn(3), torch.randn(5)
+    opt = Adam([("w0", a), ("w1", b), ("w2", c)], lr=0.1, backend=backend)
+    for t in (a, b, c):
+        t.grad = torch.randn(t.shape)
+    opt.step()
+    a.grad = None  # positions, not the list of parameters with gradients, name it
+    _bad_states()[case](opt.state[c], c)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError) as info:
+        opt.step()
+    assert "parameter 'w2' (param_groups[0]['params'][2])" in str(info.value)
+    assert REASONS[case] in str(info.value)
+    assert_unchanged(opt, before)
+
+
+def test_a_state_with_only_exp_avg_is_refused_by_name() -> None:
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    opt = Adam([("w", p)], lr=0.1)
+    opt.state[p]["exp_avg"] = torch.zeros(4)
+    with pytest.raises(RuntimeError, match=r"parameter 'w'.*no 'exp_avg_sq' tensor"):
+        opt.step()
+
+
+# ---- step hooks with functools.wraps -------------------------------------------------------------
+
+
+def _hook_calls(opt: Any, p: torch.Tensor) -> list[str]:
+    calls: list[str] = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    for _ in range(2):
+        p.grad = torch.ones(3)
+        opt.step()
+    return calls
+
+
+def test_hooks_run_when_a_subclass_wraps_step_with_functools_wraps() -> None:
+    class TorchSub(torch.optim.Adam):
+        @functools.wraps(torch.optim.Adam.step)
+        def step(self, closure: Any = None) -> Any:
+            return super().step(closure)
+
+    class Sub(Adam):
+        @functools.wraps(Adam.step)
+        def step(self, closure: Any = None) -> Any:
+            return super().step(closure)
+
+    expected = _hook_calls(TorchSub([p := torch.randn(3)], lr=0.1), p)
+    assert expected.count("pre") == 2 and expected.count("post") == 2
+    assert _hook_calls(Sub([q := torch.randn(3)], lr=0.1), q) == ["pre", "post"] * 2
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_hooks_run_once_when_the_class_step_is_patched(wrap: bool) -> None:
+    orig = Adam.step
+
+    def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return orig(self, *args, **kwargs)
+
+    if wrap:
+        patched = functools.wraps(orig)(patched)
+    Adam.step = patched
+    try:
+        before = Adam([p := torch.randn(3)], lr=0.1)
+        assert _hook_calls(before, p) == ["pre", "post"] * 2
+    finally:
+        Adam.step = orig
+    assert _hook_calls(Adam([q := torch.randn(3)], lr=0.1), q) == ["pre", "post"] * 2
+
+
+# ---- numpy scalars and tensors as weight decay ---------------------------------------------------
+
+
+@pytest.mark.parametrize("wd", [np.float32(0.01), np.int64(1), torch.tensor(0.01)])
+@pytest.mark.parametrize("where", ["constructor", "group"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_numpy_and_tensor_weight_decay_as_adamw_takes_them(wd: Any, where: str, backend: str):
+    torch.manual_seed(0)
+    p = torch.randn(5, dtype=torch.float64)
+    q = p.clone()
+    kwargs: dict[str, Any] = dict(lr=0.01, eps=1e-8, optimized_update=False, backend=backend)
+    if where == "constructor":
+        ours = Adam([p], weight_decay=wd, **kwargs)
+    else:
+        ours = Adam([{"params": [p], "weight_decay": wd}], **kwargs)
+    ref = torch.optim.AdamW([q], lr=0.01, eps=1e-8, weight_decay=float(wd))
+    for _ in range(5):
+        g = torch.randn(5, dtype=torch.float64)
+        p.grad, q.grad = g, g.clone()
+        ours.step()
+        ref.step()
+    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("wd", [np.float32(0.3), torch.tensor(0.3)])
+@pytest.mark.parametrize("decay", ["decoupled", "l2"])
+def test_group_weight_decay_of_any_number_type_gives_the_same_numbers_on_every_path(wd, decay):
+    kind = WeightDecay(0.0, weight_decouple=decay == "decoupled")
+    results = []
+    for backend in ("auto", "foreach", "torch"):
+        torch.manual_seed(0)
+        p = torch.randn(64)
+        opt = Adam(
+            [{"params": [p], "weight_decay": wd}], lr=0.1, weight_decay=kind, backend=backend
+        )
+        for _ in range(3):
+            p.grad = torch.randn(64)
+            opt.step()
+        results.append(p)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_a_numpy_weight_decay_is_kept_as_a_plain_number() -> None:
+    opt = Adam([torch.randn(2)], weight_decay=np.float32(0.5))
+    assert type(opt.param_groups[0]["weight_decay"]) is float
+    with pytest.raises(ValueError, match="Invalid weight_decay value"):
+        Adam([torch.randn(2)], weight_decay=np.float32(-1))
+    with pytest.raises(TypeError):
+        Adam([{"params": [torch.randn(2)], "weight_decay": "0.1"}])
+
+
+# ---- torch.optim.Adam's decoupled_weight_decay key ----------------------------------------------
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_decoupled_weight_decay_that_agrees_gives_torchs_numbers(decoupled: bool) -> None:
+    torch.manual_seed(0)
+    p = torch.randn(5, dtype=torch.float64)
+    q = p.clone()
+    group = {"params": [q], "decoupled_weight_decay": decoupled}
+    ref = torch.optim.Adam([group], lr=0.1, eps=1e-8, weight_decay=0.5)
+    ours = Adam(
+        [{"params": [p], "decoupled_weight_decay": decoupled}],
+        lr=0.1,
+        eps=1e-8,
+        weight_decay=WeightDecay(0.5, weight_decouple=decoupled),
+        optimized_update=False,
+    )
+    for _ in range(4):
+        g = torch.randn(5, dtype=torch.float64)
+        p.grad, q.grad = g, g.clone()
+        ref.step()
+        ours.step()
+    torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize(
+    "decay, decoupled",
+    [
+        (WeightDecay(0.5, weight_decouple=False), True),
+        (WeightDecay(0.5), False),
+        (WeightDecay(0.5, absolute=True), True),
+    ],
+)
+def test_decoupled_weight_decay_that_disagrees_is_refused(decay, decoupled, backend) -> None:
+    a, b = torch.randn(3), torch.randn(3)
+    opt = Adam(
+        [{"params": [a]}, {"params": [b], "decoupled_weight_decay": decoupled}],
+        lr=0.1,
+        weight_decay=decay,
+        backend=backend,
+    )
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\] sets decoupled_weight_decay"):
+        opt.step()
+    assert_unchanged(opt, before)
+    opt.param_groups[1]["weight_decay"] = 0.0  # no decay: nothing to disagree with
+    opt.step()
+
+
+# ---- state dicts of groups with their own WeightDecay -------------------------------------------
+
+
+def _train(opt: Adam, params: list[torch.Tensor], steps: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+
+def test_group_weight_decay_checkpoints_load_with_weights_only() -> None:
+    groups = [
+        WeightDecay(0.1, weight_decouple=False),
+        WeightDecay(0.05, absolute=True),
+        WeightDecay(0.2),
+        None,
+    ]
+
+    def make(params: list[torch.Tensor]) -> Adam:
+        spec = [
+            {"params": [p]} if wd is None else {"params": [p], "weight_decay": wd}
+            for p, wd in zip(params, groups)
+        ]
+        return Adam(spec, lr=0.1, weight_decay=WeightDecay(0.01))
+
+    torch.manual_seed(0)
+    start = [torch.randn(4) for _ in groups]
+    straight = [p.clone() for p in start]
+    opt = make(straight)
+    _train(opt, straight, 3, seed=1)
+    _train(opt, straight, 3, seed=2)
+
+    resumed = [p.clone() for p in start]
+    first = make(resumed)
+    _train(first, resumed, 3, seed=1)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert first.param_groups[0]["weight_decay"] == groups[0]  # state_dict() changes nothing
+    second = Adam([{"params": [p]} for p in resumed], lr=0.3, weight_decay=WeightDecay(0.01))
+    second.load_state_dict(loaded)
+    assert [g["weight_decay"] for g in second.param_groups] == [*groups[:3], 0.01]
+    assert all("weight_decay_kind" not in g for g in second.param_groups)
+    _train(second, resumed, 3, seed=2)
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind, wd", [("sideways", 0.1), (3, 0.1), ("l2", -1.0)])
+def test_a_bad_saved_group_decay_is_refused_and_nothing_changes(kind: Any, wd: float) -> None:
+    p = torch.randn(3)
+    opt = Adam([{"params": [p], "weight_decay": WeightDecay(0.1, weight_decouple=False)}], lr=0.1)
+    _train(opt, [p], 1, seed=0)
+    state_dict = opt.state_dict()
+    state_dict["param_groups"][0].update(weight_decay_kind=kind, weight_decay=wd)
+    before, group = snapshot(opt), dict(opt.param_groups[0])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]"):
+        opt.load_state_dict(state_dict)
+    assert_unchanged(opt, before)
+    assert opt.param_groups[0] == group
+
+
+# ---- load_state_dict names the optimizer's parameter -------------------------------------------
+
+
+def test_load_state_dict_error_names_this_optimizers_parameter() -> None:
+    torch.manual_seed(0)
+    m = nn.Linear(2, 3)
+    src = Adam(m.named_parameters(), lr=0.1)
+    m(torch.randn(4, 2)).sum().backward()
+    src.step()
+    dst = Adam(list(reversed(list(m.named_parameters()))), lr=0.1)
+    with pytest.raises(ValueError) as info:
+        dst.load_state_dict(src.state_dict())
+    message = str(info.value)
+    assert "parameter 'bias' (param_groups[0]['params'][0]) (shape (3,)" in message, message
+    assert "saved as 'weight'" in message
+    assert dst.state == {} or all(not s for s in dst.state.values())
+
+
+# ---- num_threads set after construction ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("threads", [0, -1, 2**64, 1025, 1.5, True, "2"])
+def test_num_threads_set_later_is_checked_at_the_step(threads: Any) -> None:
+    p = torch.randn(4)
+    p.grad = torch.randn(4)
+    opt = Adam([p])
+    opt.step()
+    opt.num_threads = threads
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"num_threads: .*expected an int from 1 to 1024"):
+        opt.step()
+    assert_unchanged(opt, before)
+    with pytest.raises(ValueError, match="num_threads"):
+        Adam([p], num_threads=threads)
+    opt.num_threads = 1024
+    opt.step()
+    assert opt.state[p]["step"] == 2
