@@ -407,8 +407,9 @@ def _step_group(
         return round_to(x, cd)
 
     def load(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        # Always a new tensor: results are written back only at the end (found_inf).
-        return [t.to(cd, copy=True) for t in ts]
+        # Loaded values are only read: every op below makes a new tensor, written back at the
+        # end (found_inf), so tensors already in C need no copy.
+        return [t.to(cd) for t in ts] if half else ts
 
     def through_e(ts: list[torch.Tensor]) -> list[torch.Tensor]:
         # load(round_E(x)): the decay is its own step, rounded to the storage dtype.
@@ -421,9 +422,9 @@ def _step_group(
     g = load([real(grads[i]) for i in idx])
     if grad_scale is not None:
         scale = grad_scale.to(device=device, dtype=cd).reshape(())
-        torch._foreach_div_(g, scale)
+        g = torch._foreach_div(g, scale)
     if cfg.maximize:
-        torch._foreach_neg_(g)
+        g = torch._foreach_neg(g)
 
     factor = decay_factor(cfg)
     if factor is not None:
