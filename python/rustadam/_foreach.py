@@ -27,15 +27,18 @@ against the old values, so a skipped step changes nothing and the host never wai
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from rustadam import _rounding
 
 _HALF = (torch.float16, torch.bfloat16)
+_EXACT = (torch.Tensor, torch.nn.Parameter)
 Tensors = Sequence[torch.Tensor]
 
 
@@ -44,6 +47,14 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     if t.is_complex():
         return torch.view_as_real(t.resolve_conj())
     return t
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+_REAL_OF = {torch.complex32: torch.float16, torch.complex64: torch.float32,
+            torch.complex128: torch.float64}  # fmt: skip
 
 
 def round_to(x: float, dtype: torch.dtype) -> float:
@@ -89,6 +100,8 @@ def foreach_adam(
     *,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    label: Optional[Callable[[int], str]] = None,
+    alone: Optional[Sequence[int]] = None,
 ) -> None:
     """One Adam step of every parameter in the lists, in place (docs/NUMERICS.md, bit for bit).
 
@@ -100,28 +113,269 @@ def foreach_adam(
     (bools) and ``rounding`` ("nearest", "stochastic" or "kahan"). ``grad_scale``: gradients
     are divided by it first; ``found_inf`` nonzero: nothing changes. Gradients are never
     written.
+
+    All or nothing: every buffer is checked by :func:`check` before anything is written, and a
+    refusal raises ``RuntimeError`` naming ``label(i)`` (default ``params[i]``) and the reason.
+    Parameters whose memory overlaps another's are stepped one at a time in list order, as
+    torch's for-loop would. ``alone``: what :func:`check` returned for these very lists, when
+    the caller has already run it (the checks are then not repeated).
     """
     n = len(params)
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                       ("steps", steps), ("seeds", seeds)):  # fmt: skip
         if len(lst) != n:
             raise ValueError(f"foreach_adam: {name} has {len(lst)} entries, params {n}")
-    if cfg.amsgrad and (max_exp_avg_sqs is None or len(max_exp_avg_sqs) != n):
-        raise ValueError("foreach_adam: amsgrad needs one max_exp_avg_sq per parameter")
-    if cfg.rounding not in ("nearest", "stochastic", "kahan"):
-        raise ValueError(f"foreach_adam: unknown rounding {cfg.rounding!r}")
-    if cfg.rounding == "kahan" and (compensations is None or len(compensations) != n):
-        raise ValueError("foreach_adam: kahan rounding needs a compensation entry per parameter")
+    if alone is None:
+        alone = check(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations, steps, cfg,
+            label=label,
+        )  # fmt: skip
+    seq = set(alone)
+    # By the parameter's own dtype, so that a group is all complex or all real.
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
-        if steps[i] < 1:
-            raise ValueError(f"foreach_adam: steps[{i}] = {steps[i]}; expected >= 1")
-        groups.setdefault((p.device, _real(p).dtype), []).append(i)
-    for (device, dtype), idx in groups.items():
+        if i not in seq:
+            groups.setdefault((p.device, p.dtype), []).append(i)
+    # Memory-disjoint from every buffer the others write, so their order does not matter.
+    todo = list(groups.items())
+    todo += [((params[i].device, params[i].dtype), [i]) for i in sorted(seq)]
+    for (device, dtype), idx in todo:
         _step_group(
             device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
             compensations, steps, seeds, cfg, grad_scale, found_inf,
         )  # fmt: skip
+
+
+_ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "compensation")
+_GRAD = 1  # the one role that is only read
+
+
+def check(
+    params: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    max_exp_avg_sqs: Optional[Sequence[torch.Tensor]],
+    compensations: Optional[Sequence[Optional[torch.Tensor]]],
+    steps: Sequence[int],
+    cfg: Any,
+    *,
+    label: Optional[Callable[[int], str]] = None,
+) -> list[int]:
+    """Checks every buffer :func:`foreach_adam` would read or write; writes nothing.
+
+    Raises ``RuntimeError("{label(i)}: {reason}")`` for what torch's Adam refuses or what these
+    ops cannot write faithfully (the Rust core's wording where it has the same refusal): a
+    parameter that is not floating-point or complex, a buffer that is not a strided tensor on
+    the parameter's device with its dtype and shape, a written buffer that is a conjugate view
+    or overlaps itself, a 16-bit parameter without its compensation under
+    ``rounding="kahan"``, two buffers of one parameter sharing memory. Returns, in order, the
+    parameters to step one at a time: those whose memory overlaps another parameter's where
+    one of them writes it.
+    """
+    n = len(params)
+    name = label if label is not None else (lambda i: f"params[{i}]")
+    if cfg.rounding not in ("nearest", "stochastic", "kahan"):
+        raise ValueError(f"foreach_adam: unknown rounding {cfg.rounding!r}")
+    amsgrad, kahan = cfg.amsgrad, cfg.rounding == "kahan"
+    if amsgrad and (max_exp_avg_sqs is None or len(max_exp_avg_sqs) != n):
+        raise ValueError("foreach_adam: amsgrad needs one max_exp_avg_sq per parameter")
+    if kahan and (compensations is None or len(compensations) != n):
+        raise ValueError("foreach_adam: kahan rounding needs a compensation entry per parameter")
+    # Per device (-1 for the CPU, the index for CUDA, else the device): the first and end
+    # bytes of every buffer with memory, and the parameters on it.
+    los: dict[Any, list[int]] = {}
+    his: dict[Any, list[int]] = {}
+    owners: dict[Any, list[int]] = {}
+    exact = _EXACT
+    for i, p in enumerate(params):
+        if steps[i] < 1:
+            raise ValueError(f"foreach_adam: steps[{i}] = {steps[i]}; expected >= 1")
+        if not isinstance(p, torch.Tensor):
+            raise RuntimeError(f"{name(i)}: it is a {type(p).__name__}, not a tensor")
+        dtype = p.dtype
+        if not (dtype.is_floating_point or dtype.is_complex):
+            # Adam's moments and update need fractions; stored in integers they truncate.
+            raise RuntimeError(
+                f"{name(i)}: its dtype is {dtype}; Adam steps floating-point and complex tensors"
+            )
+        if kahan and compensations[i] is None and dtype in _HALF:  # type: ignore[index]
+            raise RuntimeError(
+                f"{name(i)}: rounding='kahan' needs a compensation buffer for a 16-bit parameter"
+            )
+        if p.is_cpu:
+            key: Any = -1
+            cuda: Optional[bool] = False
+        elif p.is_cuda:
+            key, cuda = p.get_device(), True
+        else:
+            key, cuda = p.device, None
+        # The usual buffer (an exact dense real tensor like its parameter, on the CPU or a CUDA
+        # device) is checked with a few cheap calls; anything else by _refusal.
+        fast = cuda is not None and not dtype.is_complex and type(p) in exact
+        shape = p.shape
+        lo = los.get(key)
+        if lo is None:
+            lo, hi, own = los[key], his[key], owners[key] = [], [], []
+        else:
+            hi, own = his[key], owners[key]
+        own.append(i)
+        bufs = _buffers(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations)
+        for r, t in bufs:
+            if fast and (
+                r == 0
+                or (
+                    type(t) in exact
+                    and t.dtype is dtype
+                    and (t.is_cuda and t.get_device() == key if cuda else t.is_cpu)
+                    and t.shape == shape
+                )
+            ):
+                if t.is_contiguous():
+                    nbytes = t.nbytes
+                    if nbytes:
+                        ptr = t.data_ptr()
+                        lo.append(ptr)
+                        hi.append(ptr + nbytes)
+                    continue
+            why = _refusal(r, t, dtype, p.device, shape)
+            if why is not None:
+                raise RuntimeError(f"{name(i)}: {why}")
+            sp = _span(t)
+            if sp is not None:
+                lo.append(sp[0])
+                hi.append(sp[1])
+    alone: set[int] = set()
+    for key, lo in los.items():
+        # Nonempty spans are pairwise disjoint iff, with their first and end bytes sorted
+        # apart, the k-th smallest end is at most the (k+1)-th smallest first byte: one sort
+        # each and a comparison at C speed in the usual case.
+        lo.sort()
+        hi = his[key]
+        hi.sort()
+        if not all(map(operator.le, hi, itertools.islice(lo, 1, None))):
+            _overlaps(owners[key], params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                      compensations, alone, name)  # fmt: skip
+    return sorted(alone)
+
+
+def _buffers(
+    i: int,
+    params: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    max_exp_avg_sqs: Optional[Sequence[torch.Tensor]],
+    compensations: Optional[Sequence[Optional[torch.Tensor]]],
+) -> list[tuple[int, Any]]:
+    """Parameter i's buffers as (role, buffer); ``_ROLES[role]`` names them."""
+    bufs = [(0, params[i]), (1, grads[i]), (2, exp_avgs[i]), (3, exp_avg_sqs[i])]
+    if max_exp_avg_sqs is not None:
+        bufs.append((4, max_exp_avg_sqs[i]))
+    if compensations is not None and compensations[i] is not None:
+        bufs.append((5, compensations[i]))
+    return bufs
+
+
+def _refusal(
+    r: int, t: Any, dtype: torch.dtype, device: torch.device, shape: torch.Size
+) -> Optional[str]:
+    """Why buffer ``t`` (role ``_ROLES[r]``) of a parameter of ``dtype``, ``device`` and
+    ``shape`` cannot be stepped, or None."""
+    role = _ROLES[r]
+    if not isinstance(t, torch.Tensor):
+        return f"its {role} is {type(t).__name__}, not a tensor"
+    if t.layout != torch.strided:
+        return f"its {role}'s layout is {t.layout}, not torch.strided"
+    if t.device != device:
+        return f"its {role} is on device {t.device}, the parameter on {device}"
+    if t.dtype != dtype:
+        return f"its {role} has another dtype than it ({t.dtype}, the parameter {dtype})"
+    if t.shape != shape:
+        return f"its {role} has shape {tuple(t.shape)} but the parameter has {tuple(shape)}"
+    if r == _GRAD:
+        return None
+    # Written buffers: a conjugate view would be written through a resolved copy and the
+    # result lost; an expanded view's elements would each be written many times.
+    if t.is_conj():
+        return (
+            f"its {role} is a conjugate view (is_conj() is set); it is written in place, "
+            "so resolve it (resolve_conj()) first"
+        )
+    if not t.is_contiguous() and t.numel() > 1 and _self_overlaps(t):
+        return (
+            f"its {role} has elements that share memory (an expanded view?); it is written in place"
+        )
+    return None
+
+
+def _self_overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory (strides sorted, each must pass the extent of
+    the smaller ones)."""
+    dims = sorted((abs(s), n) for n, s in zip(t.shape, t.stride()) if n > 1)
+    extent = 1
+    for s, n in dims:
+        if s < extent:
+            return True
+        extent = s * (n - 1) + extent
+    return False
+
+
+def _span(t: torch.Tensor) -> Optional[tuple[int, int]]:
+    """The bytes ``[lo, hi)`` a tensor's view reaches, or None where it has no memory of its own
+    to reach (empty, or a wrapper subclass without storage)."""
+    try:
+        ptr = t.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+    n = t.nbytes
+    if n == 0 or ptr == 0:
+        return None
+    if t.is_contiguous():
+        return ptr, ptr + n
+    size = t.element_size()
+    lo = hi = ptr
+    for d, s in zip(t.shape, t.stride()):
+        if s < 0:
+            lo += (d - 1) * s * size
+        else:
+            hi += (d - 1) * s * size
+    return lo, hi + size
+
+
+def _overlaps(
+    owners: list[int],
+    params: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    max_exp_avg_sqs: Optional[Sequence[torch.Tensor]],
+    compensations: Optional[Sequence[Optional[torch.Tensor]]],
+    alone: set[int],
+    name: Callable[[int], str],
+) -> None:
+    """Adds to ``alone`` each of ``owners`` whose buffers meet another parameter's where one of
+    the two is written; raises where two buffers of one parameter meet."""
+    spans = []
+    for i in owners:
+        for r, t in _buffers(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                             compensations):  # fmt: skip
+            sp = _span(t)
+            if sp is not None:
+                spans.append((sp[0], sp[1], i, r))
+    spans.sort()
+    active: list[tuple[int, int, int, int]] = []
+    for cur in spans:
+        lo, _, i, r = cur
+        active = [a for a in active if a[1] > lo]
+        for _, _, j, q in active:
+            if r == q == _GRAD:
+                continue  # both only read
+            if i == j:
+                raise RuntimeError(f"{name(i)}: its {_ROLES[r]} shares memory with its {_ROLES[q]}")
+            alone.add(i)
+            alone.add(j)
+        active.append(cur)
 
 
 def _step_group(
@@ -140,6 +394,11 @@ def _step_group(
     grad_scale: Optional[torch.Tensor],
     found_inf: Optional[torch.Tensor],
 ) -> None:
+    # Complex tensors step as their pairs of reals, of this dtype.
+    cplx = dtype.is_complex
+    if cplx:
+        dtype = _REAL_OF[dtype]
+    real = _real if cplx else _same
     cd = _rounding.compute_dtype(dtype)
     half = dtype in _HALF
     fused = _rounding.fma_fused_by_torch(str(device), cd)
@@ -148,23 +407,24 @@ def _step_group(
         return round_to(x, cd)
 
     def load(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        # Always a new tensor: results are written back only at the end (found_inf).
-        return [t.to(cd, copy=True) for t in ts]
+        # Loaded values are only read: every op below makes a new tensor, written back at the
+        # end (found_inf), so tensors already in C need no copy.
+        return [t.to(cd) for t in ts] if half else ts
 
     def through_e(ts: list[torch.Tensor]) -> list[torch.Tensor]:
         # load(round_E(x)): the decay is its own step, rounded to the storage dtype.
         return [t.to(dtype).to(cd) for t in ts] if half else ts
 
-    p_e = [_real(params[i]) for i in idx]
-    m_e = [_real(exp_avgs[i]) for i in idx]
-    v_e = [_real(exp_avg_sqs[i]) for i in idx]
+    p_e = [real(params[i]) for i in idx]
+    m_e = [real(exp_avgs[i]) for i in idx]
+    v_e = [real(exp_avg_sqs[i]) for i in idx]
     theta = load(p_e)
-    g = load([_real(grads[i]) for i in idx])
+    g = load([real(grads[i]) for i in idx])
     if grad_scale is not None:
         scale = grad_scale.to(device=device, dtype=cd).reshape(())
-        torch._foreach_div_(g, scale)
+        g = torch._foreach_div(g, scale)
     if cfg.maximize:
-        torch._foreach_neg_(g)
+        g = torch._foreach_neg(g)
 
     factor = decay_factor(cfg)
     if factor is not None:
@@ -191,7 +451,7 @@ def _step_group(
     vmax_e: list[torch.Tensor] = []
     if cfg.amsgrad:
         assert max_exp_avg_sqs is not None
-        vmax_e = [_real(max_exp_avg_sqs[i]) for i in idx]
+        vmax_e = [real(max_exp_avg_sqs[i]) for i in idx]
         vd = torch._foreach_maximum(load(vmax_e), v)  # torch.maximum propagates NaN
 
     hyp = [hyper(cfg, steps[i]) for i in idx]
@@ -221,9 +481,8 @@ def _step_group(
         new_p = []
         for j, (i, th, uu) in enumerate(zip(idx, theta, u)):
             c = compensations[i]
-            if c is None:
-                raise ValueError(f"foreach_adam: kahan rounding needs compensations[{i}]")
-            c_e = _real(c)
+            assert c is not None  # check() refuses a 16-bit parameter without one
+            c_e = real(c)
             np_, nc = _rounding.kahan_update(th, uu, c_e, dtype)
             new_p.append(np_)
             comps[j] = nc
@@ -245,7 +504,7 @@ def _step_group(
         write(vmax_e, vd)
     if rounding == "kahan":
         assert compensations is not None
-        dst = [_real(c) for c in (compensations[i] for i in idx) if c is not None]
+        dst = [real(c) for c in (compensations[i] for i in idx) if c is not None]
         write(dst, [c for c in comps if c is not None])
 
 

@@ -1,0 +1,293 @@
+"""The foreach path's checks and order: overlapping parameters step as torch's for-loop does,
+and what torch's Adam refuses is refused before anything is written (``backend="foreach"``, and
+``backend="auto"`` for what the core leaves to that path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rustadam import Adam, WeightDecay
+from rustadam._core import Config
+from rustadam._foreach import check, foreach_adam
+
+
+class Sub(torch.Tensor):
+    """A plain subclass: ``backend="auto"`` sends it to the foreach path."""
+
+
+def _cfg(**kw):
+    base = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, weight_decouple=True,
+                absolute=False, optimized_update=False, maximize=False, amsgrad=False,
+                rounding="nearest")  # fmt: skip
+    base.update(kw)
+    return Config(**base)
+
+
+def _rustadam(params, backend, **kw):
+    return Adam(params, lr=0.1, eps=1e-8, optimized_update=False, weight_decay=WeightDecay(0),
+                backend=backend, **kw)  # fmt: skip
+
+
+def _grads(params, gen):
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+
+
+# ---- overlapping parameters --------------------------------------------------------------------
+
+
+def _views(base):
+    return [base[0:12], base[6:18], base[20:24]]  # elements 6..11 shared; the third alone
+
+
+@pytest.mark.parametrize("backend", ["foreach", "auto"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_overlapping_parameters_step_as_torchs_for_loop(backend, amsgrad):
+    torch.manual_seed(0)
+    base64 = torch.randn(24, dtype=torch.float64)
+    base = base64.float()
+    if backend == "auto":  # exact tensors go to the core; a subclass goes to the foreach path
+        base = base.as_subclass(Sub)
+    ref_base = base64.clone()
+    ours, ref = _views(base), _views(ref_base)
+    opt = _rustadam(ours, backend, amsgrad=amsgrad)
+    oracle = torch.optim.Adam(ref, lr=0.1, eps=1e-8, amsgrad=amsgrad, foreach=False)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(4):
+        _grads(ours, g1)
+        _grads(ref, g2)
+        opt.step()
+        oracle.step()
+    torch.testing.assert_close(base.as_subclass(torch.Tensor).double(), ref_base, rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+    for p, q in zip(ours, ref):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(
+                opt.state[p][key].as_subclass(torch.Tensor).double(), oracle.state[q][key],
+                rtol=1e-5, atol=1e-8,
+            )  # fmt: skip
+
+
+@pytest.mark.parametrize("shared", ["other_param", "other_exp_avg"])
+def test_an_exp_avg_viewing_another_parameters_memory_steps_in_order(shared):
+    """State that aliases another parameter (or its moment) is read and written in turn."""
+    torch.manual_seed(0)
+    a64, b64 = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    a, b = a64.float(), b64.float()
+    opt = _rustadam([a, b], "foreach")
+    oracle = torch.optim.Adam([a64, b64], lr=0.1, eps=1e-8, foreach=False)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for step in range(3):
+        _grads([a, b], g1)
+        _grads([a64, b64], g2)
+        opt.step()
+        oracle.step()
+        if step == 0:
+            for o, (x, y) in ((opt, (a, b)), (oracle, (a64, b64))):
+                src = x if shared == "other_param" else o.state[x]["exp_avg"]
+                o.state[y]["exp_avg"] = src.view(6)
+    torch.testing.assert_close(a.double(), a64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.double(), b64, rtol=1e-5, atol=1e-6)
+
+
+def test_check_steps_alone_only_parameters_that_meet_where_one_writes():
+    base = torch.zeros(30)
+    ps = [base[0:10], base[5:15], base[20:30], torch.zeros(4)]
+    shared_grad = torch.ones(10)
+    gs = [torch.ones(10), torch.ones(10), shared_grad, torch.ones(4)]
+    ms = [torch.zeros_like(p) for p in ps]
+    vs = [torch.zeros_like(p) for p in ps]
+    assert check(ps, gs, ms, vs, None, None, [1] * 4, _cfg()) == [0, 1]
+    # Gradients are only read: two parameters may share one.
+    gs2 = [torch.ones(10), shared_grad, shared_grad, torch.ones(4)]
+    assert check(ps[2:], gs2[2:], ms[2:], vs[2:], None, None, [1, 1], _cfg()) == []
+    assert check([ps[2], ps[0]], [shared_grad, shared_grad], ms[:2], vs[:2], None, None, [1, 1],
+                 _cfg()) == []  # fmt: skip
+
+
+def test_a_gradient_that_is_another_parameter_steps_in_order():
+    """Parameter 1's gradient is parameter 0: it sees parameter 0 after its update."""
+    torch.manual_seed(0)
+    a, b = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    a2, b2 = a.clone(), b.clone()
+    g = torch.randn(5, dtype=torch.float64)
+    z = [torch.zeros(5, dtype=torch.float64) for _ in range(4)]
+    foreach_adam([a, b], [g, a], z[0:2], z[2:4], None, None, [1, 1], [0, 0], _cfg())
+    z = [torch.zeros(5, dtype=torch.float64) for _ in range(4)]
+    foreach_adam([a2], [g], [z[0]], [z[2]], None, None, [1], [0], _cfg())
+    foreach_adam([b2], [a2], [z[1]], [z[3]], None, None, [1], [0], _cfg())
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+
+
+# ---- refusals: the documented error, and nothing changed ----------------------------------------
+
+
+def _snapshot(opt):
+    def copy(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.device.type == "meta":
+            return ("meta", tuple(x.shape), x.dtype)
+        if x.layout != torch.strided:
+            return ("sparse", x.to_dense().clone())
+        return x.as_subclass(torch.Tensor).resolve_conj().clone()
+
+    params = [copy(p) for g in opt.param_groups for p in g["params"]]
+    states = [{k: copy(v) for k, v in opt.state[p].items()} for g in opt.param_groups
+              for p in g["params"]]  # fmt: skip
+    return params, states
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _refused(opt, match):
+    before = _snapshot(opt)
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    assert _same(before, _snapshot(opt)), "a refused step changed something"
+
+
+def _stepped_once(params, backend, **kw):
+    opt = _rustadam(params, backend, **kw)
+    gen = torch.Generator().manual_seed(5)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+    opt.step()
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+    return opt
+
+
+@pytest.mark.parametrize("backend", ["foreach", "auto"])
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
+def test_a_conjugate_view_moment_is_refused_not_dropped(backend, key):
+    # The conjugate view of a complex parameter's moment would be written through a copy.
+    torch.manual_seed(0)
+    z = torch.randn(4, dtype=torch.complex64)
+    # With "auto" the core would step (and write) the others before the foreach path runs.
+    opt = _stepped_once([torch.randn(3), z] if backend == "foreach" else [z], backend)
+    opt.state[z][key] = opt.state[z][key].conj()
+    _refused(opt, rf"its {key} is a conjugate view \(is_conj\(\) is set\)")
+    with pytest.raises(RuntimeError, match="view_as_real doesn't work on unresolved conj"):
+        ref = torch.randn(4, dtype=torch.complex64)
+        o = torch.optim.Adam([ref], foreach=False)
+        ref.grad = torch.ones_like(ref)
+        o.step()
+        o.state[ref][key] = o.state[ref][key].conj()
+        o.step()
+
+
+def _float8():
+    return getattr(torch, "float8_e4m3fn", torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["foreach", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int32, torch.bool, "float8"])
+def test_a_moment_of_another_dtype_is_refused(backend, dtype):
+    dtype = _float8() if dtype == "float8" else dtype
+    torch.manual_seed(0)
+    a, b = torch.randn(3), torch.randn(5)
+    # With "auto" the core would step (and write) a before the foreach path runs.
+    opt = _stepped_once([a, b] if backend == "foreach" else [b], backend)
+    opt.state[b]["exp_avg"] = opt.state[b]["exp_avg"].to(dtype)
+    _refused(opt, "its exp_avg has another dtype than it")
+
+
+@pytest.mark.parametrize("backend", ["foreach", "auto"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_integer_and_bool_parameters_are_refused(backend, dtype):
+    p = torch.tensor([10, 20, 30]).to(dtype)
+    p.grad = torch.tensor([1, 0, 5]).to(dtype)
+    opt = _rustadam([p], backend)
+    with pytest.raises(RuntimeError, match=rf"its dtype is {dtype}; Adam steps floating-point"):
+        opt.step()
+    assert torch.equal(p, torch.tensor([10, 20, 30]).to(dtype)) and not opt.state[p]
+
+
+BAD_STATE = {
+    "exp_avg on meta": lambda s, p: s.__setitem__("exp_avg", torch.zeros(p.shape, device="meta",
+                                                                         dtype=p.dtype)),
+    "exp_avg sparse": lambda s, p: s.__setitem__("exp_avg", torch.zeros(p.shape, dtype=p.dtype)
+                                                 .to_sparse()),
+    "exp_avg None": lambda s, p: s.__setitem__("exp_avg", None),
+    "exp_avg_sq expanded": lambda s, p: s.__setitem__(
+        "exp_avg_sq", torch.zeros(1, dtype=p.dtype).expand(p.shape)),
+}  # fmt: skip
+BAD_WHY = {
+    "exp_avg on meta": "its exp_avg is on device meta, the parameter on cpu",
+    "exp_avg sparse": "its exp_avg's layout is torch.sparse_coo, not torch.strided",
+    "exp_avg None": "its exp_avg is NoneType, not a tensor",
+    "exp_avg_sq expanded": "its exp_avg_sq has elements that share memory",
+}
+
+
+@pytest.mark.parametrize("backend", ["foreach", "auto"])
+@pytest.mark.parametrize("case", sorted(BAD_STATE))
+def test_a_bad_state_of_a_later_parameter_changes_nothing(backend, case):
+    """The foreach path steps by device and dtype; the first ones must not be written before a
+    later parameter is refused."""
+    torch.manual_seed(0)
+    ps = [torch.randn(3), torch.randn(4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    if backend == "auto":
+        ps = [p.as_subclass(Sub) for p in ps]
+    opt = _stepped_once(ps, backend)
+    BAD_STATE[case](opt.state[ps[2]], ps[2])
+    _refused(opt, BAD_WHY[case])
+
+
+@pytest.mark.parametrize("backend", ["foreach", "auto"])
+@pytest.mark.parametrize("case", ["None", "expanded", "float32"])
+def test_a_bad_kahan_compensation_of_a_later_parameter_changes_nothing(backend, case):
+    torch.manual_seed(0)
+    ps = [torch.randn(6), torch.randn(6, dtype=torch.bfloat16), torch.randn(10).bfloat16()]
+    if backend == "auto":
+        ps = [p.as_subclass(Sub) for p in ps]
+    opt = _stepped_once(ps, backend, rounding="kahan")
+    state = opt.state[ps[2]]
+    if case == "None":
+        state["compensation"] = None
+        why = "rounding='kahan' needs a compensation buffer for a 16-bit parameter"
+    elif case == "expanded":
+        state["compensation"] = torch.zeros(1, dtype=torch.bfloat16).expand(10)
+        why = "its compensation has elements that share memory"
+    else:
+        state["compensation"] = state["compensation"].float()
+        why = "its compensation has another dtype than it"
+    _refused(opt, why)
+
+
+def test_a_missing_kahan_compensation_is_refused_as_the_core_refuses_it():
+    messages = {}
+    for backend in ("auto", "foreach"):  # an exact CPU tensor: the core, then the foreach path
+        p = torch.randn(3).bfloat16()
+        opt = _stepped_once([p], backend)
+        opt.param_groups[0]["rounding"] = "kahan"  # the state has no compensation
+        before = _snapshot(opt)
+        with pytest.raises(RuntimeError) as e:
+            opt.step()
+        assert _same(before, _snapshot(opt))
+        messages[backend] = str(e.value).split(": ", 1)[1]
+    assert messages["foreach"] == messages["auto"]
+    assert messages["auto"] == "rounding='kahan' needs a compensation buffer for a 16-bit parameter"
+
+
+def test_direct_calls_name_the_list_position_or_the_given_label():
+    ps = [torch.zeros(3), torch.zeros(3)]
+    gs = [torch.ones(3), torch.ones(3)]
+    ms = [torch.zeros(3), torch.zeros(3, dtype=torch.float64)]
+    vs = [torch.zeros(3), torch.zeros(3)]
+    args = (ps, gs, ms, vs, None, None, [1, 1], [0, 0], _cfg())
+    with pytest.raises(RuntimeError, match=r"^params\[1\]: its exp_avg has another dtype"):
+        foreach_adam(*args)
+    with pytest.raises(RuntimeError, match=r"^weight 'w1': its exp_avg has another dtype"):
+        foreach_adam(*args, label=lambda i: f"weight 'w{i}'")
+    assert all(not p.any() for p in ps) and not ms[0].any()
