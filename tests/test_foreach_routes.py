@@ -225,7 +225,8 @@ BAD_STATE = {
 BAD_WHY = {
     "exp_avg on meta": "its exp_avg is on device meta, the parameter on cpu",
     "exp_avg sparse": "its exp_avg's layout is torch.sparse_coo, not torch.strided",
-    "exp_avg None": "its exp_avg is NoneType, not a tensor",
+    # (the optimizer finds it missing before the path does)
+    "exp_avg None": "its state has no 'exp_avg' tensor",
     "exp_avg_sq expanded": "its exp_avg_sq has elements that share memory",
 }
 

@@ -252,3 +252,30 @@ def test_a_fork_worker_importing_rustadam_itself_does_not_use_the_inherited_team
         timeout=60,
     )
     assert "stepped" in out and abs(float(out.split()[-1]) + 1e-3) < 1e-7, out
+
+
+class Sub(torch.Tensor):
+    """A subclass: stepped by the foreach path, not the core."""
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda p: torch.zeros(3),
+        lambda p: torch.zeros(1).expand(p.shape),
+        lambda p: torch.zeros(p.shape, dtype=torch.float64),
+    ],
+    ids=["shape", "expanded", "float64"],
+)
+def test_a_later_group_refused_by_the_foreach_path_leaves_the_core_group_unchanged(bad):
+    """The core's group and the foreach path's group of one step: the path's checks come before
+    the core writes anything."""
+    torch.manual_seed(0)
+    plain = torch.nn.Parameter(torch.randn(6))
+    sub = torch.nn.Parameter(torch.randn(5).as_subclass(Sub))
+    opt = Adam([{"params": [plain]}, {"params": [sub]}], lr=0.1)
+    for p in (plain, sub):
+        p.grad = torch.ones(p.shape)
+    opt.step()
+    opt.state[sub]["exp_avg_sq"] = bad(sub)
+    assert_refused_unchanged(opt, r"param_groups\[1\]\['params'\]\[0\].*exp_avg_sq")

@@ -253,7 +253,10 @@ def run_groups(
         core = [(gi, k) for gi, pos in enumerate(core_pos) for k in pos]
         _refuse_shared_with_core(works, core, [(gi, k) for gi, k, _ in other])
     plan = None
-    if any(core_pos):
+    alone: dict[int, Any] = {}
+    if not any(core_pos):
+        alone = _check_paths(works, other)
+    else:
         plan = _plan(works, core_in, core_pos, backend)
         deferred = [(gi, core_pos[gi][k]) for gi, k, _ in plan.deferred]
         for gi, k in deferred:
@@ -264,6 +267,7 @@ def run_groups(
             taken = set(deferred)
             core = [(gi, k) for gi, pos in enumerate(core_pos) for k in pos if (gi, k) not in taken]
             _refuse_shared_with_core(works, core, deferred)
+        alone = _check_paths(works, other)
         unscale = grad_scale is not None and len(plan)
         if unscale:
             if found_inf is not None and bool(found_inf.item()):
@@ -272,7 +276,7 @@ def run_groups(
                 grads = [works[gi].grads[k] for k in pos]
                 if grads:
                     torch._foreach_div_(grads, grad_scale.to(grads[0].device))
-        if deferred or unscale:
+        if deferred or unscale or other:
             # Python code ran since the plan read the buffers (torch calls that a mode or a
             # subclass may answer): read and check them again, so that nothing runs between
             # the checks the core relies on and its writes.
@@ -305,6 +309,9 @@ def run_groups(
 
                 fn = _triton.triton_adam
             lists = _lists(w, ks)
+            extra = {}
+            if path == "foreach":
+                extra = {"label": _labels(w, ks), "alone": alone.get(gi)}
             fn(
                 *lists[1:5],
                 lists[5],
@@ -314,8 +321,25 @@ def run_groups(
                 w.config,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
+                **extra,
             )
     return written
+
+
+def _labels(w: GroupWork, ks: list[int]) -> Callable[[int], str]:
+    return lambda i: w.label(ks[i])
+
+
+def _check_paths(works: list[GroupWork], other: list[tuple[int, int, str]]) -> dict[int, Any]:
+    """Checks what the foreach path will step, group by group, before anything is written;
+    returns each group's parameters to step one at a time."""
+    alone: dict[int, Any] = {}
+    for gi, w in enumerate(works):
+        ks = [k for g2, k, pth in other if g2 == gi and pth == "foreach"]
+        if ks:
+            lists = _lists(w, ks)
+            alone[gi] = _foreach.check(*lists[1:8], w.config, label=_labels(w, ks))
+    return alone
 
 
 def _step_error(works: list[GroupWork], core_pos: list[list[int]], e: Any) -> RuntimeError:
