@@ -109,6 +109,7 @@ def test_a_child_forked_while_the_parent_steps_in_another_thread_can_step():
             if pid == 0:
                 try:
                     Adam([p], lr=0.1, num_threads=1).step()  # the same memory, a new optimizer
+                    opt.step()  # the optimizer whose step another thread of the parent ran
                     os._exit(0)
                 except BaseException as e:
                     print(type(e).__name__, e, flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 import sys
 import threading
 from collections.abc import Iterable
@@ -392,9 +393,15 @@ class Adam(Optimizer):
 
     def _locked(self, fn: Callable[..., None], *args: Any) -> None:
         """Runs ``fn`` as this optimizer's only step in progress; RuntimeError if one runs."""
-        lock = self.__dict__.get("_step_lock")
-        if lock is None:
-            lock = self.__dict__.setdefault("_step_lock", threading.Lock())
+        pid = os.getpid()
+        held = self.__dict__.get("_step_lock")
+        if held is None:
+            held = self.__dict__.setdefault("_step_lock", (pid, threading.Lock()))
+        if held[0] != pid:
+            # A child made by fork() while another thread of the parent stepped inherits the
+            # held lock, not the thread that would release it.
+            held = self.__dict__["_step_lock"] = (pid, threading.Lock())
+        lock = held[1]
         if not lock.acquire(blocking=False):
             raise RuntimeError(
                 "rustadam.Adam.step() is already running on this optimizer in another thread; "
