@@ -171,6 +171,31 @@ def test_absurd_num_threads_is_a_value_error():
         Adam([torch.zeros(3)], num_threads=100_000)
 
 
+@pytest.mark.parametrize("n", [0, -1, 2**64, 100_000, True, 2.0, "2"])
+def test_every_entry_point_refuses_a_bad_num_threads_by_name(n):
+    """The extension's own functions take 1 to 1024 threads: anything else is a ValueError
+    naming num_threads (not an OverflowError, not 0 taken as 1), before anything is written."""
+    import numpy as np
+    import torch
+
+    from rustadam import _core
+
+    p, g, m, v = (np.ones(4, np.float32) for _ in range(4))
+    tp, tg, tm, tv = (torch.ones(4) for _ in range(4))
+    group = [(_core.Config(), [tp], [tg], [tm], [tv], None, None, [1], [0])]
+    calls = [
+        lambda: _core.numpy_adam_step(p, g, m, v, 1, _core.Config(), num_threads=n),
+        lambda: _core.numpy_adam_step_many([p], [g], [m], [v], [1], _core.Config(), num_threads=n),
+        lambda: _core.adam_step([tp], [tg], [tm], [tv], [1], _core.Config(), num_threads=n),
+        lambda: _core.plan(group).execute(num_threads=n),
+        lambda: _core.plan(group).roofline(num_threads=n),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="num_threads must be an int from 1 to"):
+            call()
+    assert (p == 1).all() and bool((tp == 1).all())
+
+
 FORK = r"""
 import signal
 import numpy as np

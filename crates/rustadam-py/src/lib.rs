@@ -36,7 +36,7 @@ create_exception!(
 #[pyfunction]
 #[pyo3(signature = (
     params, grads, exp_avgs, exp_avg_sqs, steps, config, *, max_exp_avg_sqs=None,
-    compensations=None, seeds=None, num_threads=1, pool=None, simd=None
+    compensations=None, seeds=None, num_threads=None, pool=None, simd=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn adam_step<'py>(
@@ -50,10 +50,12 @@ fn adam_step<'py>(
     max_exp_avg_sqs: Option<Bound<'py, PyAny>>,
     compensations: Option<Bound<'py, PyAny>>,
     seeds: Option<Bound<'py, PyAny>>,
-    num_threads: usize,
+    num_threads: Option<Bound<'py, PyAny>>,
     pool: Option<&str>,
     simd: Option<&str>,
 ) -> PyResult<()> {
+    // One thread unless asked.
+    let num_threads = num_threads.as_ref().map_or(Ok(1), threads::count)?;
     let n = params.len()?;
     let seeds = match seeds {
         Some(s) => s,

@@ -341,8 +341,12 @@ fn numpy_adam_step<'py>(
     exp_avg_sq: Bound<'py, PyAny>,
     step: i64,
     config: Bound<'py, Config>,
-    num_threads: Option<usize>,
+    num_threads: Option<Bound<'py, PyAny>>,
 ) -> PyResult<()> {
+    let num_threads = num_threads
+        .as_ref()
+        .map(crate::threads::count)
+        .transpose()?;
     let items = vec![([param, grad, exp_avg, exp_avg_sq], step)];
     run(py, items, true, &supported(&config)?, num_threads)
 }
@@ -372,8 +376,12 @@ fn numpy_adam_step_many<'py>(
     exp_avg_sqs: Vec<Bound<'py, PyAny>>,
     steps: Vec<i64>,
     config: Bound<'py, Config>,
-    num_threads: Option<usize>,
+    num_threads: Option<Bound<'py, PyAny>>,
 ) -> PyResult<()> {
+    let num_threads = num_threads
+        .as_ref()
+        .map(crate::threads::count)
+        .transpose()?;
     let n = params.len();
     if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()]
         .iter()

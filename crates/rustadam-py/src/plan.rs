@@ -774,11 +774,11 @@ impl Plan {
     fn execute(
         &mut self,
         py: Python<'_>,
-        num_threads: usize,
+        num_threads: Bound<'_, PyAny>,
         pool: Option<&str>,
         simd: Option<&str>,
     ) -> PyResult<()> {
-        let opts = threads::options(num_threads, pool, simd)?;
+        let opts = threads::options(threads::count(&num_threads)?, pool, simd)?;
         self.check_in_place(py)?;
         self.run(py, opts, false)
     }
@@ -786,8 +786,8 @@ impl Plan {
     /// The machine's limit for `execute` on the same buffers: the same loads, stores, chunks
     /// and threads with trivial arithmetic. For benchmarks: it overwrites the buffers.
     #[pyo3(signature = (*, num_threads))]
-    fn roofline(&mut self, py: Python<'_>, num_threads: usize) -> PyResult<()> {
-        let opts = threads::options(num_threads, None, None)?;
+    fn roofline(&mut self, py: Python<'_>, num_threads: Bound<'_, PyAny>) -> PyResult<()> {
+        let opts = threads::options(threads::count(&num_threads)?, None, None)?;
         self.check_in_place(py)?;
         self.run(py, opts, true)
     }

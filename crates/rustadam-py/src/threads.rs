@@ -1,7 +1,8 @@
 //! How a step runs: thread count, thread pool and SIMD level, with their environment defaults.
 
 use pyo3::exceptions::PyValueError;
-use pyo3::PyResult;
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyInt};
 use rustadam::{ExecOptions, ForkJoin, SimdLevel};
 
 use crate::openmp;
@@ -31,6 +32,27 @@ pub(crate) fn options(
     opts.validate()
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
     Ok(opts)
+}
+
+/// A `num_threads` argument: an int from 1 to [`rustadam::max_threads`]; `ValueError` naming it
+/// otherwise (not the `OverflowError` of a negative or huge value, nor 0 taken as 1).
+pub(crate) fn count(obj: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let max = rustadam::max_threads();
+    let n = match obj.cast::<PyInt>() {
+        Ok(i) if !obj.is_instance_of::<PyBool>() => i.extract::<i64>().unwrap_or(i64::MIN),
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "num_threads must be an int from 1 to {max}, not {}",
+                obj.get_type().name()?
+            )))
+        }
+    };
+    match usize::try_from(n) {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(PyValueError::new_err(format!(
+            "num_threads must be an int from 1 to {max}, got {obj}"
+        ))),
+    }
 }
 
 /// The thread pool by name: "openmp" (torch's OpenMP threads), "rayon" (the core's own), or
