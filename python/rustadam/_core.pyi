@@ -143,12 +143,13 @@ def adam_step(
     max_exp_avg_sqs: Optional[Sequence[torch.Tensor]] = None,
     compensations: Optional[Sequence[Optional[torch.Tensor]]] = None,
     seeds: Optional[Sequence[int]] = None,
-    num_threads: int = 1,
+    num_threads: Optional[int] = None,
     pool: Optional[Literal["openmp", "rayon"]] = None,
     simd: Optional[Literal["portable", "avx2", "avx512"]] = None,
 ) -> None:
     """One Adam step over one group's CPU tensors, in place: :func:`plan` with ``strict`` and
-    :meth:`Plan.execute` in one call. ``steps[i]`` is t after this update (≥ 1)."""
+    :meth:`Plan.execute` in one call. ``steps[i]`` is t after this update (≥ 1);
+    ``num_threads`` is 1 to 1024 (None: one thread)."""
 
 # ---- SIMD introspection ------------------------------------------------------------------------
 
