@@ -280,3 +280,18 @@ def test_a_later_group_refused_by_the_foreach_path_leaves_the_core_group_unchang
     opt.step()
     opt.state[sub]["exp_avg_sq"] = bad(sub)
     assert_refused_unchanged(opt, r"param_groups\[1\]\['params'\]\[0\].*exp_avg_sq")
+
+
+def test_among_many_parameters_only_the_one_sharing_memory_with_a_core_one_is_refused():
+    """Forty core and forty subclass parameters in one buffer each, then one subclass parameter
+    that views a core one: that pair is named; without it the step goes through."""
+    base = torch.randn(80, 4)
+    core = [torch.nn.Parameter(torch.randn(4)) for _ in range(40)]
+    subs = [torch.nn.Parameter(base[i].as_subclass(Sub)) for i in range(40)]
+    for p in core + subs:
+        p.grad = torch.ones(4)
+    Adam(core + subs, lr=0.1).step()  # disjoint: stepped
+    view = torch.nn.Parameter(core[17].detach()[1:].as_subclass(Sub))
+    view.grad = torch.ones(3)
+    opt = Adam(core + subs + [view], lr=0.1)
+    assert_refused_unchanged(opt, r"\['params'\]\[80\].*shares memory with .*\['params'\]\[17\]")

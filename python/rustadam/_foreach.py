@@ -328,11 +328,15 @@ def _span(t: torch.Tensor) -> Optional[tuple[int, int]]:
         ptr = t.data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):
         return None
-    n = t.nbytes
-    if n == 0 or ptr == 0:
+    if t.nbytes == 0 or ptr == 0:
         return None
+    return extent(t, ptr)
+
+
+def extent(t: torch.Tensor, ptr: int) -> tuple[int, int]:
+    """The bytes ``[lo, hi)`` a non-empty view whose first element is at ``ptr`` reaches."""
     if t.is_contiguous():
-        return ptr, ptr + n
+        return ptr, ptr + t.nbytes
     size = t.element_size()
     lo = hi = ptr
     for d, s in zip(t.shape, t.stride()):

@@ -182,10 +182,7 @@ def _span(t: torch.Tensor) -> Optional[tuple[Any, int, int]]:
         storage = (t.device, t.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError, TypeError):  # wrapper subclasses
         return None
-    size = t.element_size()
-    lo = t.data_ptr() + size * sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s < 0)
-    hi = t.data_ptr() + size * sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s > 0)
-    return storage, lo, hi + size
+    return (storage, *_foreach.extent(t, t.data_ptr()))
 
 
 def param_label(gi: int, group: dict[str, Any], i: int, param: torch.Tensor) -> str:
@@ -380,22 +377,30 @@ def _refuse_shared_with_core(
 ) -> None:
     """The core steps its parameters before the paths step the others: one of those sharing
     memory with a core parameter would be stepped out of order."""
-    spans = [
-        (gi, k, sp)
-        for gi, k in core
-        for t in works[gi].entry(k)
-        if t is not None and (sp := _span(t)) is not None
-    ]
-    for gi, k in others:
-        for t in works[gi].entry(k):
-            sp = None if t is None else _span(t)
-            for cgi, ck, csp in spans if sp is not None else ():
-                if sp[0] == csp[0] and sp[1] < csp[2] and csp[1] < sp[2]:
-                    raise RuntimeError(
-                        f"{works[gi].label(k)}: it shares memory with {works[cgi].label(ck)}, "
-                        "which the Rust core steps first while this one cannot be; step them "
-                        "with backend='torch'"
-                    )
+    # One sweep over the spans sorted by storage and first byte (not every pair: groups of
+    # thousands of parameters stay linear), keeping those still open.
+    spans = []
+    for side, entries in ((0, core), (1, others)):
+        for gi, k in entries:
+            for t in works[gi].entry(k):
+                sp = None if t is None else _span(t)
+                if sp is not None:
+                    spans.append((sp[0], sp[1], sp[2], side, gi, k))
+    spans.sort(key=lambda s: (str(s[0][0]), s[0][1], s[1]))
+    open_: list[tuple[Any, ...]] = []
+    for cur in spans:
+        key, lo = cur[0], cur[1]
+        open_ = [o for o in open_ if o[0] == key and o[2] > lo]
+        for o in open_:
+            if o[3] != cur[3]:
+                other, in_core = (cur, o) if cur[3] == 1 else (o, cur)
+                raise RuntimeError(
+                    f"{works[other[4]].label(other[5])}: it shares memory with "
+                    f"{works[in_core[4]].label(in_core[5])}, "
+                    "which the Rust core steps first while this one cannot be; step them "
+                    "with backend='torch'"
+                )
+        open_.append(cur)
 
 
 def _lists(w: GroupWork, ks: list[int]) -> tuple[Any, ...]:
