@@ -37,7 +37,7 @@ def test_import_is_cheap_and_does_not_import_triton():
 
 
 @needs_triton
-@pytest.mark.parametrize("part", ["dtypes", "modes", "layouts", "adam"])
+@pytest.mark.parametrize("part", ["dtypes", "modes", "layouts", "adam", "checks"])
 def test_kernel_equals_foreach_bit_for_bit_under_interpreter(part):
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run(
@@ -151,6 +151,150 @@ def _adam_vs_core(dtype, opts, steps=3, seed=0):
     return bad
 
 
+def _state_snapshot(opt, params):
+    import torch
+
+    snap = [p.detach().clone() for p in params]
+    for p in params:
+        for k, x in opt.state.get(p, {}).items():
+            snap += [k, x.clone() if isinstance(x, torch.Tensor) else x]
+    return snap
+
+
+def _same(a, b):
+    import torch
+
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            if not (isinstance(y, torch.Tensor) and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _checks():
+    """The Triton route refuses what the foreach route refuses (same message, nothing written
+    in any group) and steps overlapping parameters one at a time in index order."""
+    import torch
+
+    from rustadam import Adam, functional
+    from rustadam._foreach import foreach_adam
+    from rustadam._triton import triton_adam
+
+    failures = []
+    gen = torch.Generator().manual_seed(5)
+
+    def overlapping():
+        g = torch.Generator().manual_seed(2)
+        base = torch.randn(12, generator=g)
+        return base, [base[0:7], base[4:12], torch.randn(3, 4, generator=g)]
+
+    # Overlapping parameters through the optimizer: stepped in order, as the foreach route.
+    results = {}
+    for backend in ("foreach", "triton"):
+        base, ps = overlapping()
+        opt = Adam([{"params": ps}], lr=0.1, backend=backend)
+        for k in range(3):
+            for i, p in enumerate(ps):
+                p.grad = torch.full_like(p, float(i + k + 1))
+            opt.step()
+        results[backend] = (base.clone(), ps[2].detach().clone())
+    if not all(torch.equal(x, y) for x, y in zip(results["foreach"], results["triton"])):
+        failures.append(f"overlap via Adam: {results}")
+
+    # The same, calling the kernels directly.
+    out = {}
+    for name, fn in (("foreach", foreach_adam), ("triton", triton_adam)):
+        base = torch.arange(12.0) / 7
+        ps = [base[0:7], base[4:12]]
+        gs = [torch.ones(7), torch.full((8,), -2.0)]
+        ms = [torch.zeros(7), torch.zeros(8)]
+        vs = [torch.zeros(7), torch.zeros(8)]
+        fn(ps, gs, ms, vs, None, None, [1, 1], [0, 0], _cfg(lr=0.5))
+        out[name] = base
+    if not torch.equal(out["foreach"], out["triton"]):
+        failures.append(f"overlap direct: {out}")
+
+    # Refusals: the message of the foreach route, and nothing changed in any group.
+    def bad_cases():
+        def grad_dtype(ps, opt):
+            ps[1].grad_dtype = None  # torch refuses a gradient of another dtype by default
+            ps[1].grad = ps[1].grad.double()
+
+        def shared_moments(ps, opt):
+            st = opt.state[ps[1]]
+            st["exp_avg_sq"] = st["exp_avg"]
+
+        def moment_shape(ps, opt):
+            opt.state[ps[1]]["exp_avg"] = torch.zeros(7)
+
+        def grad_is_param(ps, opt):
+            ps[1].grad = ps[1].detach()
+
+        def conj_moment(ps, opt):
+            st = opt.state[ps[2]]
+            st["exp_avg"] = st["exp_avg"].conj()
+
+        def unsupported(ps, opt):
+            p = torch.zeros(3, dtype=torch.float8_e4m3fn)
+            p.grad = torch.zeros(3).to(p.dtype)
+            opt.param_groups[1]["params"].append(p)
+
+        return [grad_dtype, shared_moments, moment_shape, grad_is_param, conj_moment,
+                unsupported]  # fmt: skip
+
+    for case in bad_cases():
+        msgs = {}
+        for backend in ("foreach", "triton"):
+            ps = [
+                torch.randn(4, 3, generator=gen).requires_grad_(),
+                torch.randn(5, generator=gen).requires_grad_(),
+                torch.randn(2, dtype=torch.complex64, generator=gen).requires_grad_(),
+            ]
+            opt = Adam([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1, backend=backend)
+            for p in ps:
+                p.grad = torch.randn_like(p)
+            opt.step()
+            case(ps, opt)
+            before = _state_snapshot(opt, ps)
+            try:
+                opt.step()
+                msgs[backend] = "no error"
+                continue
+            except RuntimeError as e:
+                msgs[backend] = str(e)
+            if not _same(before, _state_snapshot(opt, ps)):
+                failures.append(f"{case.__name__} on {backend}: a refused step changed state")
+        if msgs["foreach"] == "no error" or msgs["foreach"] != msgs["triton"]:
+            failures.append(f"{case.__name__}: foreach {msgs['foreach']!r} / "
+                            f"triton {msgs['triton']!r}")  # fmt: skip
+
+    # A group whose parameters the two routes share: one check over both finds the overlap.
+    class Sub(torch.Tensor):
+        pass
+
+    real_ok = functional._triton_ok
+    functional._triton_ok = lambda p: p.dtype == torch.float32
+    try:
+        res = []
+        for route in ("mixed", "foreach"):
+            base = torch.randn(16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            a = base[0:8].as_subclass(Sub)
+            b = base.view(torch.float32)[8:24].as_subclass(Sub)  # the bytes of base[4:12]
+            opt = Adam([a, b], lr=0.1, backend="auto" if route == "mixed" else "foreach")
+            a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+            opt.step()
+            res.append(base.clone())
+        if not torch.equal(res[0], res[1]):
+            failures.append(f"triton/foreach overlap: {res}")
+    finally:
+        functional._triton_ok = real_ok
+    return failures
+
+
 def _main(part):
     import torch
 
@@ -209,6 +353,8 @@ def _main(part):
         bad = _adam_vs_core(torch.bfloat16, dict(rounding="stochastic"), seed=2**64 - 3)
         if bad:
             failures.append(f"adam seed 2**64-3: {bad}")
+    elif part == "checks":
+        failures += _checks()
     else:
         for dt in (torch.float32, torch.bfloat16):
             for lay in ("transposed_grad", "strided_param"):

@@ -39,6 +39,20 @@ from rustadam import _rounding
 
 _HALF = (torch.float16, torch.bfloat16)
 _EXACT = (torch.Tensor, torch.nn.Parameter)
+# The dtypes torch's arithmetic (and so every path) can step; float8 and the like cannot.
+STEPPABLE = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                       torch.complex32, torch.complex64, torch.complex128})  # fmt: skip
+
+
+def dtype_refusal(dtype: torch.dtype) -> Optional[str]:
+    """Why Adam cannot step a parameter of ``dtype``, or None when it can."""
+    if dtype in STEPPABLE:
+        return None
+    return (
+        f"its dtype is {dtype}; Adam steps float16, bfloat16, float32, float64 and complex tensors"
+    )
+
+
 Tensors = Sequence[torch.Tensor]
 
 
@@ -120,30 +134,52 @@ def foreach_adam(
     torch's for-loop would. ``alone``: what :func:`check` returned for these very lists, when
     the caller has already run it (the checks are then not repeated).
     """
+    # By the parameter's own dtype, so that a batch is all complex or all real.
+    todo = batches("foreach_adam", lambda p: (p.device, p.dtype), params, grads, exp_avgs,
+                   exp_avg_sqs, max_exp_avg_sqs, compensations, steps, seeds, cfg, label,
+                   alone)  # fmt: skip
+    for (device, dtype), idx in todo:
+        _step_group(
+            device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+            compensations, steps, seeds, cfg, grad_scale, found_inf,
+        )  # fmt: skip
+
+
+def batches(
+    fn: str,
+    key: Callable[[torch.Tensor], Any],
+    params: Tensors,
+    grads: Tensors,
+    exp_avgs: Tensors,
+    exp_avg_sqs: Tensors,
+    max_exp_avg_sqs: Optional[Sequence[torch.Tensor]],
+    compensations: Optional[Sequence[Optional[torch.Tensor]]],
+    steps: Sequence[int],
+    seeds: Sequence[int],
+    cfg: Any,
+    label: Optional[Callable[[int], str]],
+    alone: Optional[Sequence[int]],
+) -> list[tuple[Any, list[int]]]:
+    """The batches a step of these lists runs, in order, after checking them all (unless
+    ``alone`` is what :func:`check` returned for them): the parameters by ``key``, then each
+    parameter that overlaps another on its own, in list order."""
     n = len(params)
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                       ("steps", steps), ("seeds", seeds)):  # fmt: skip
         if len(lst) != n:
-            raise ValueError(f"foreach_adam: {name} has {len(lst)} entries, params {n}")
+            raise ValueError(f"{fn}: {name} has {len(lst)} entries, params {n}")
     if alone is None:
         alone = check(
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations, steps, cfg,
             label=label,
         )  # fmt: skip
     seq = set(alone)
-    # By the parameter's own dtype, so that a group is all complex or all real.
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    groups: dict[Any, list[int]] = {}
     for i, p in enumerate(params):
         if i not in seq:
-            groups.setdefault((p.device, p.dtype), []).append(i)
+            groups.setdefault(key(p), []).append(i)
     # Memory-disjoint from every buffer the others write, so their order does not matter.
-    todo = list(groups.items())
-    todo += [((params[i].device, params[i].dtype), [i]) for i in sorted(seq)]
-    for (device, dtype), idx in todo:
-        _step_group(
-            device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-            compensations, steps, seeds, cfg, grad_scale, found_inf,
-        )  # fmt: skip
+    return list(groups.items()) + [(key(params[i]), [i]) for i in sorted(seq)]
 
 
 _ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "compensation")
@@ -194,11 +230,10 @@ def check(
         if not isinstance(p, torch.Tensor):
             raise RuntimeError(f"{name(i)}: it is a {type(p).__name__}, not a tensor")
         dtype = p.dtype
-        if not (dtype.is_floating_point or dtype.is_complex):
-            # Adam's moments and update need fractions; stored in integers they truncate.
-            raise RuntimeError(
-                f"{name(i)}: its dtype is {dtype}; Adam steps floating-point and complex tensors"
-            )
+        if dtype not in STEPPABLE:
+            # Integers would truncate the moments; float8 and the like have no arithmetic, so
+            # they would fail part way through the step.
+            raise RuntimeError(f"{name(i)}: {dtype_refusal(dtype)}")
         if kahan and compensations[i] is None and dtype in _HALF:  # type: ignore[index]
             raise RuntimeError(
                 f"{name(i)}: rounding='kahan' needs a compensation buffer for a 16-bit parameter"

@@ -41,14 +41,14 @@ import functools
 import importlib.util
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from rustadam import _rounding
-from rustadam._foreach import decay_factor, hyper
+from rustadam._foreach import batches, decay_factor, hyper
 
 _HALF = (torch.float16, torch.bfloat16)
 # The real dtype a complex tensor is stepped as (its view_as_real pairs).
@@ -127,28 +127,27 @@ def triton_adam(
     *,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    label: Optional[Callable[[int], str]] = None,
+    alone: Optional[Sequence[int]] = None,
 ) -> None:
     """One Adam step of every parameter, in place, with one Triton launch per (device, dtype).
 
     The arguments are those of :func:`rustadam._foreach.foreach_adam`, and the results equal
     its results bit for bit. Tensors must be on a device triton runs on (CPU tensors only
     under ``TRITON_INTERPRET=1``).
+
+    All or nothing, with the foreach path's checks (:func:`rustadam._foreach.check`, run here
+    unless the caller passes what it returned as ``alone``): a refusal raises
+    ``RuntimeError("{label(i)}: {reason}")`` before any launch, and parameters whose memory
+    overlaps another's get a launch each, in list order, after the others.
     """
-    n = len(params)
-    if cfg.rounding not in ("nearest", "stochastic", "kahan"):
-        raise ValueError(f"triton_adam: unknown rounding {cfg.rounding!r}")
-    if cfg.amsgrad and (max_exp_avg_sqs is None or len(max_exp_avg_sqs) != n):
-        raise ValueError("triton_adam: amsgrad needs one max_exp_avg_sq per parameter")
-    if n and min(steps) < 1:
-        i = next(i for i, t in enumerate(steps) if t < 1)
-        raise ValueError(f"triton_adam: steps[{i}] = {steps[i]}; expected >= 1")
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
-        if p.numel() == 0:
+    todo = batches("triton_adam", lambda p: (p.device, _REAL_OF.get(p.dtype, p.dtype)), params,
+                   grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations, steps, seeds,
+                   cfg, label, alone)  # fmt: skip
+    for (device, dtype), idx in todo:
+        idx = [i for i in idx if params[i].numel()]  # an empty grid is not launched
+        if not idx:
             continue
-        dt = p.dtype
-        groups.setdefault((p.device, _REAL_OF.get(dt, dt)), []).append(i)
-    for (device, dtype), idx in groups.items():
         _launch(device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                 compensations, steps, seeds, cfg, grad_scale, found_inf)  # fmt: skip
 

@@ -250,7 +250,7 @@ def run_groups(
         core = [(gi, k) for gi, pos in enumerate(core_pos) for k in pos]
         _refuse_shared_with_core(works, core, [(gi, k) for gi, k, _ in other])
     plan = None
-    alone: dict[int, Any] = {}
+    alone: dict[tuple[int, str], Any] = {}
     if not any(core_pos):
         alone = _check_paths(works, other)
     else:
@@ -297,7 +297,7 @@ def run_groups(
                     written.extend(t for t in ts if t is not None)
     for path in ("triton", "foreach"):
         for gi, w in enumerate(works):
-            ks = [k for g2, k, pth in other if g2 == gi and pth == path]
+            ks = _path_ks(other, gi, path)
             if not ks:
                 continue
             fn = _foreach.foreach_adam
@@ -306,9 +306,6 @@ def run_groups(
 
                 fn = _triton.triton_adam
             lists = _lists(w, ks)
-            extra = {}
-            if path == "foreach":
-                extra = {"label": _labels(w, ks), "alone": alone.get(gi)}
             fn(
                 *lists[1:5],
                 lists[5],
@@ -318,7 +315,8 @@ def run_groups(
                 w.config,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
-                **extra,
+                label=_labels(w, ks),
+                alone=alone.get((gi, path)),
             )
     return written
 
@@ -327,15 +325,32 @@ def _labels(w: GroupWork, ks: list[int]) -> Callable[[int], str]:
     return lambda i: w.label(ks[i])
 
 
-def _check_paths(works: list[GroupWork], other: list[tuple[int, int, str]]) -> dict[int, Any]:
-    """Checks what the foreach path will step, group by group, before anything is written;
-    returns each group's parameters to step one at a time."""
-    alone: dict[int, Any] = {}
+def _path_ks(other: list[tuple[int, int, str]], gi: int, path: str) -> list[int]:
+    """Group ``gi``'s positions on ``path``, in index order (the order overlapping ones step)."""
+    return sorted(k for g2, k, pth in other if g2 == gi and pth == path)
+
+
+def _check_paths(
+    works: list[GroupWork], other: list[tuple[int, int, str]]
+) -> dict[tuple[int, str], Any]:
+    """Checks what the Triton kernel and the foreach ops will step, group by group, before
+    anything is written: one check over both paths' parameters, so that overlaps between
+    them are found too. Parameters that overlap another are moved to the foreach path
+    (``other`` is updated), which steps them one at a time in index order; returns, per
+    (group, path), those positions in that path's list."""
+    alone: dict[tuple[int, str], Any] = {}
     for gi, w in enumerate(works):
-        ks = [k for g2, k, pth in other if g2 == gi and pth == "foreach"]
-        if ks:
-            lists = _lists(w, ks)
-            alone[gi] = _foreach.check(*lists[1:8], w.config, label=_labels(w, ks))
+        ks = sorted(k for g2, k, _ in other if g2 == gi)
+        if not ks:
+            continue
+        lists = _lists(w, ks)
+        seq = {ks[i] for i in _foreach.check(*lists[1:8], w.config, label=_labels(w, ks))}
+        if seq:
+            other[:] = [(g2, k, "foreach" if g2 == gi and k in seq else pth)
+                        for g2, k, pth in other]  # fmt: skip
+        fe = _path_ks(other, gi, "foreach")
+        alone[gi, "foreach"] = [i for i, k in enumerate(fe) if k in seq]
+        alone[gi, "triton"] = []
     return alone
 
 

@@ -18,7 +18,7 @@ from torch.optim.optimizer import (
     _global_optimizer_pre_hooks,
 )
 
-from rustadam import _core, _rounding, functional
+from rustadam import _core, _foreach, _rounding, functional
 from rustadam._state_dict import GROUP_DECAY_KIND, check_state_dict, decay_kind, group_decay
 from rustadam.functional import param_label
 from rustadam.weight_decay import WeightDecay
@@ -600,6 +600,9 @@ class Adam(Optimizer):
         overriding ``step_param`` keeps no step count."""
         label = param_label(gi, group, i, param)
         base_step = "step_param" in base
+        why = _foreach.dtype_refusal(param.dtype) if base_step else None
+        if why is not None:
+            raise RuntimeError(f"{label}: {why}")
         t = _next_step(state, gi, group, i, param) - 1 if base_step or "step" in state else None
         # The buffers the base methods write; an overriding init_state may keep them in another
         # dtype (the base methods cast on store), so only the base state must match exactly.
