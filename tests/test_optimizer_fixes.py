@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import warnings
 from typing import Any, Callable
 
@@ -556,3 +557,117 @@ def test_num_threads_set_later_is_checked_at_the_step(threads: Any) -> None:
     opt.num_threads = 1024
     opt.step()
     assert opt.state[p]["step"] == 2
+
+
+# ---- values set after construction, group names, loaded state -----------------------------------
+
+ALL_BACKENDS = ["auto", "rust", "foreach", "torch"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, "3", None])
+def test_a_seed_set_later_is_checked_at_the_step(backend: str, seed: Any) -> None:
+    p = torch.randn(4)
+    p.grad = torch.randn(4)
+    opt = Adam([p], backend=backend)
+    opt.step()
+    opt.seed = seed
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"Invalid seed: .*expected an int in \[0, 2\*\*64\)"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("names", [5, "w", object()])
+def test_param_names_that_are_not_a_list_are_refused_naming_the_group(backend, names) -> None:
+    a, b = torch.randn(3), torch.randn(2)
+    a.grad, b.grad = torch.randn(3), torch.randn(2)
+    opt = Adam([{"params": [a]}, {"params": [b]}], backend=backend)
+    opt.step()
+    opt.param_groups[1]["param_names"] = names
+    before = snapshot(opt)
+    match = r"param_groups\[1\]\['param_names'\] is .*expected a list"
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+def test_a_loaded_meta_step_or_sparse_moment_is_refused_naming_the_parameter() -> None:
+    p = torch.randn(2)
+    p.grad = torch.randn(2)
+    opt = Adam([p])
+    opt.step()
+    label = r"the loaded state of param_groups\[0\]\['params'\]\[0\] \(shape \(2,\)"
+    for key, value, reason in [
+        ("step", torch.tensor(1.0, device="meta"), "has step=.*not a count"),
+        ("exp_avg", torch.zeros(2).to_sparse(), "'exp_avg' of layout torch.sparse_coo"),
+    ]:
+        sd = opt.state_dict()
+        sd["state"][0] = dict(sd["state"][0], **{key: value})
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match=label + ".*" + reason):
+            opt.load_state_dict(sd)
+        assert_unchanged(opt, before)
+
+
+# ---- tensors made under torch.inference_mode() --------------------------------------------------
+
+
+def _inference(x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return x.clone()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("where", ["param", "exp_avg", "exp_avg_sq"])
+def test_inference_tensors_are_stepped_whole_on_every_backend(backend: str, where: str) -> None:
+    # torch refuses in-place ops on them outside inference mode, part way through a step of
+    # the torch ops; every route steps them as the core does (all of the step, the same bits).
+    gen = torch.Generator().manual_seed(0)
+    p0 = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
+    grads = [[torch.randn(p.shape, generator=gen) for p in p0] for _ in range(3)]
+    runs = []
+    for inference in (False, True):
+        ps = [p.clone() for p in p0]
+        if inference and where == "param":
+            ps[1] = _inference(ps[1])
+        opt = Adam([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1, backend=backend)
+        for k, gs in enumerate(grads):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            if inference and where != "param" and k == 1:
+                st = opt.state[ps[1]]
+                st[where] = _inference(st[where])
+            version = ps[0]._version
+            opt.step()
+            assert ps[0]._version > version  # other tensors are still bumped
+        runs.append((ps, [opt.state[p] for p in ps]))
+    (pa, sa), (pb, sb) = runs
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+    for x, y in zip(sa, sb):
+        assert x["step"] == y["step"] == 3
+        assert torch.equal(x["exp_avg"], y["exp_avg"])
+        assert torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("decay", [WeightDecay(0.0), WeightDecay(0.0, absolute=True)])
+def test_an_infinite_lr_gives_the_spec_decay_on_every_backend(backend: str, decay: Any) -> None:
+    # The spec's decoupled decay multiplies by 1 − α·λ even for λ = 0: NaN for α = inf.
+    p = torch.tensor([1.0, -2.0, 0.0, 3.0])
+    p.grad = torch.tensor([0.5, -0.5, 0.0, 1e-30])
+    ref = p.clone()
+    opt = Adam([p], lr=float("inf"), weight_decay=decay, backend=backend)
+    opt.step()
+    factor = 1.0 - (decay.weight_decay if decay.absolute else float("inf") * decay.weight_decay)
+    want = ref.double() * factor
+    if not decay.absolute:
+        assert torch.isnan(want).all()
+    m = 0.1 * p.grad.double()
+    v = 0.001 * p.grad.double() ** 2
+    step = float("inf") * math.sqrt(1 - 0.999) / (1 - 0.9)
+    want = (want - step * m / (v.sqrt() + 1e-16)).float()
+    assert torch.equal(p.isnan(), want.isnan())
+    assert torch.equal(p[~p.isnan()], want[~want.isnan()])

@@ -27,6 +27,7 @@ against the old values, so a skipped step changes nothing and the host never wai
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import operator
@@ -95,10 +96,27 @@ def hyper(cfg: Any, step: int) -> dict[str, float]:
 
 
 def decay_factor(cfg: Any) -> Optional[float]:
-    """θ's decoupled decay factor (float64), or None where there is no decoupled decay."""
-    if not cfg.weight_decouple or cfg.weight_decay == 0:
+    """θ's decoupled decay factor (float64), or None where there is none or it is exactly 1.
+
+    As the spec's decay and the core, the factor is computed for λ = 0 too: 1 − α·0 is NaN
+    for α = inf. Multiplying by exactly 1 changes no bit, so it is skipped."""
+    if not cfg.weight_decouple:
         return None
-    return 1.0 - cfg.weight_decay if cfg.absolute else 1.0 - cfg.lr * cfg.weight_decay
+    factor = 1.0 - cfg.weight_decay if cfg.absolute else 1.0 - cfg.lr * cfg.weight_decay
+    return None if factor == 1.0 else factor
+
+
+def writable(*lists: Optional[Sequence[Optional[torch.Tensor]]]) -> Any:
+    """``torch.inference_mode()`` where a tensor to be written was made under it, else a no-op.
+
+    torch refuses in-place writes to such a tensor outside inference mode, which would stop a
+    step part way; the Rust core writes them as any kernel writing through ``data_ptr`` does.
+    In inference mode, in-place ops on other tensors still bump their version counters."""
+    if not torch.is_inference_mode_enabled():
+        for lst in lists:
+            if lst and any(t is not None and t.is_inference() for t in lst):
+                return torch.inference_mode()
+    return contextlib.nullcontext()
 
 
 def foreach_adam(
@@ -138,11 +156,12 @@ def foreach_adam(
     todo = batches("foreach_adam", lambda p: (p.device, p.dtype), params, grads, exp_avgs,
                    exp_avg_sqs, max_exp_avg_sqs, compensations, steps, seeds, cfg, label,
                    alone)  # fmt: skip
-    for (device, dtype), idx in todo:
-        _step_group(
-            device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-            compensations, steps, seeds, cfg, grad_scale, found_inf,
-        )  # fmt: skip
+    with writable(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations):
+        for (device, dtype), idx in todo:
+            _step_group(
+                device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                compensations, steps, seeds, cfg, grad_scale, found_inf,
+            )  # fmt: skip
 
 
 def batches(

@@ -161,6 +161,11 @@ def _check_param_state(
                     f"the loaded state of {name} has {key!r} of shape {tuple(value.shape)}, "
                     f"expected {shape}"
                 )
+            if value.layout != torch.strided:
+                raise ValueError(
+                    f"the loaded state of {name} has {key!r} of layout {value.layout}; it is "
+                    "updated in place as a dense (torch.strided) tensor"
+                )
             if any(n > 1 and st == 0 for n, st in zip(value.shape, value.stride())):
                 raise ValueError(
                     f"the loaded state of {name} has {key!r} with a stride of 0 (an expanded "
@@ -200,7 +205,7 @@ _HALF = (torch.float16, torch.bfloat16)
 def _is_count(step: Any) -> bool:
     """An int, or torch.optim.Adam's float tensor, holding a whole number >= 0."""
     if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.is_complex():
+        if step.numel() != 1 or step.is_complex() or step.device.type == "meta":
             return False
         step = step.item()
     if isinstance(step, bool) or not isinstance(step, (int, float)):

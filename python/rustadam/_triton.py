@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from rustadam import _rounding
-from rustadam._foreach import batches, decay_factor, hyper
+from rustadam._foreach import batches, decay_factor, hyper, writable
 
 _HALF = (torch.float16, torch.bfloat16)
 # The real dtype a complex tensor is stepped as (its view_as_real pairs).
@@ -144,12 +144,14 @@ def triton_adam(
     todo = batches("triton_adam", lambda p: (p.device, _REAL_OF.get(p.dtype, p.dtype)), params,
                    grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations, steps, seeds,
                    cfg, label, alone)  # fmt: skip
-    for (device, dtype), idx in todo:
-        idx = [i for i in idx if params[i].numel()]  # an empty grid is not launched
-        if not idx:
-            continue
-        _launch(device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                compensations, steps, seeds, cfg, grad_scale, found_inf)  # fmt: skip
+    # The kernel writes through pointers; write-backs of work copies are torch ops.
+    with writable(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations):
+        for (device, dtype), idx in todo:
+            idx = [i for i in idx if params[i].numel()]  # an empty grid is not launched
+            if not idx:
+                continue
+            _launch(device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+                    compensations, steps, seeds, cfg, grad_scale, found_inf)  # fmt: skip
 
 
 def _launch(

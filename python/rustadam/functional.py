@@ -272,7 +272,8 @@ def run_groups(
             for gi, pos in enumerate(core_pos):
                 grads = [works[gi].grads[k] for k in pos]
                 if grads:
-                    torch._foreach_div_(grads, grad_scale.to(grads[0].device))
+                    with _foreach.writable(grads):
+                        torch._foreach_div_(grads, grad_scale.to(grads[0].device))
         if deferred or unscale or other:
             # Python code ran since the plan read the buffers (torch calls that a mode or a
             # subclass may answer): read and check them again, so that nothing runs between

@@ -242,8 +242,7 @@ class Adam(Optimizer):
                 f"weight_decay must be a number, a WeightDecay or an object with "
                 f"__call__(param, grad, group) and defaults(), got {weight_decay!r}"
             )
-        if not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise ValueError(f"Invalid seed: {seed!r}; expected an int in [0, 2**64)")
+        _check_seed(seed)
         defaults = {} if defaults is None else dict(defaults)
         defaults.update(weight_decay.defaults())
         defaults.update(lr=lr, betas=betas, eps=eps, maximize=maximize, amsgrad=amsgrad)
@@ -441,8 +440,10 @@ class Adam(Optimizer):
         """Steps every parameter with a gradient, or just parameter ``only`` = (group, index)."""
         if self._skip_for_inf():
             return
-        if self.num_threads is not None:  # may have been set after construction
+        # Public attributes that may have been set after construction.
+        if self.num_threads is not None:
             _check_threads(self.num_threads)
+        _check_seed(self.seed)
         groups = list(enumerate(self.param_groups))
         if only is not None:
             groups = [groups[only[0]]]
@@ -484,6 +485,12 @@ class Adam(Optimizer):
                     f"param_groups[{gi}] sets {key}={group[key]!r}, which rustadam.Adam does "
                     "not implement"
                 )
+        names = group.get("param_names")
+        if names is not None and not isinstance(names, (list, tuple)):
+            raise ValueError(
+                f"param_groups[{gi}]['param_names'] is {names!r}; expected a list of the "
+                "parameters' names"
+            )
         decay = self._decay(group)
         flags = (
             (decay.weight_decouple, decay.absolute)
@@ -637,12 +644,14 @@ class Adam(Optimizer):
     ) -> None:
         """Steps checked parameters one at a time with the per-parameter methods."""
         done = 0
+        written = [x for e in todo for x in (e[3], *e[1].values()) if isinstance(x, torch.Tensor)]
         try:
-            for group, state, grad, param, t in todo:
-                if t is not None and type(state["step"]) is not int:
-                    state["step"] = t  # a tensor count counts as an int, as on the core
-                done += 1
-                self.step_param(state, group, grad, param)
+            with _foreach.writable(written):
+                for group, state, grad, param, t in todo:
+                    if t is not None and type(state["step"]) is not int:
+                        state["step"] = t  # a tensor count counts as an int, as on the core
+                    done += 1
+                    self.step_param(state, group, grad, param)
         finally:
             # The methods write through .data, which autograd does not see: bump the version of
             # every tensor they may have written, as the core's path does.
@@ -663,8 +672,9 @@ class Adam(Optimizer):
         scale = getattr(self, "grad_scale", None)
         if scale is None:
             return
-        for g in grads:
-            g.div_(scale.to(g.device))
+        with _foreach.writable(grads):
+            for g in grads:
+                g.div_(scale.to(g.device))
 
     def _step_fast(
         self,
@@ -933,6 +943,12 @@ def _check_decoupled_key(gi: int, group: dict[str, Any], decay: Any) -> None:
         f"WeightDecay: give WeightDecay({lam}, weight_decouple={bool(wanted)}) as the optimizer's "
         "or the group's weight_decay, or remove the key"
     )
+
+
+def _check_seed(seed: Any) -> None:
+    """``seed``: an int in [0, 2**64) (ValueError naming it otherwise)."""
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"Invalid seed: {seed!r}; expected an int in [0, 2**64)")
 
 
 def _check_threads(num_threads: Any) -> None:
