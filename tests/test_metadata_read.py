@@ -106,3 +106,50 @@ def test_both_metadata_reads_give_the_same_steps_and_refusals():
         "moment expanded",
     ):
         assert ":" in fast[case] and len(fast[case].split()[0]) < 40, (case, fast[case])
+
+
+# Python code that redirects torch's methods: the core must read torch's own getters, so a lie
+# can neither move its writes nor widen its bounds check. ``buf[n:]`` sits right after the
+# parameter ``buf[:n]`` in one storage: a write placed by a lying data_ptr() or checked against
+# a lying storage size lands there.
+_LIES = r"""
+import torch
+from rustadam import Adam
+
+n = 1024
+buf = torch.zeros(2 * n)
+p = buf[:n]
+p.grad = torch.ones(n)
+opt = Adam([p], lr=0.5, backend="rust")
+real_ptr = torch.Tensor.data_ptr
+lies = {
+    "data_ptr": lambda self: real_ptr(self) + 4 * n,
+    "stride": lambda self, *a: (1,) * self.dim(),
+    "storage_offset": lambda self: n,
+}
+for name, lie in lies.items():
+    setattr(torch.Tensor, name, lie)
+torch.UntypedStorage.__len__ = lambda self: 1 << 40
+torch.UntypedStorage.nbytes = lambda self: 1 << 40
+try:
+    opt.step()
+    outcome = "stepped"
+except Exception as e:
+    outcome = f"{type(e).__name__}: {e}"
+for name in lies:
+    delattr(torch.Tensor, name)
+del torch.UntypedStorage.__len__, torch.UntypedStorage.nbytes
+print(outcome)
+print(float(buf[:n].min()), float(buf[:n].max()), float(buf[n:].abs().max()))
+"""
+
+
+def test_redirected_torch_methods_cannot_move_or_widen_the_cores_writes():
+    for env in ({}, {"RUSTADAM_NO_DLPACK": "1"}):
+        out = run_case(_LIES, env=env, prelude=False).strip().splitlines()
+        assert out[0] == "stepped", (env, out)
+        low, high, beyond = map(float, out[1].split())
+        # First Adam step from zero with gradient one: every element moves by -lr exactly
+        # (m_hat = 1, v_hat = 1; eps only perturbs the last digits).
+        assert abs(low + 0.5) < 1e-6 and abs(high + 0.5) < 1e-6, (env, out)
+        assert beyond == 0.0, (env, out)

@@ -19,12 +19,16 @@ def test_another_thread_replacing_param_data_mid_step_is_never_a_crash():
         keep = p.detach().clone()
         opt = Adam([p], lr=1e-3, backend="rust")
         p.grad = torch.randn(n)
+        # The state exists before the other thread starts: torch's own zeros_like (which
+        # creates it, here as in torch.optim.Adam) can crash while .data is replaced under it.
+        opt.step()
         stop = False
 
         def swap():
             while not stop:
                 p.data = torch.zeros(1)       # frees the storage being stepped
                 p.data = keep.clone()         # a new storage of the right size
+                p.data = torch.empty(n)       # the same size, new memory: only the pointer moves
 
         t = threading.Thread(target=swap)
         t.start()

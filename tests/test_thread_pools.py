@@ -97,3 +97,41 @@ def test_step_in_a_child_made_by_fork(pool):
         [sys.executable, "-c", FORK_SCRIPT], env=env, timeout=60, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_a_pool_that_cannot_start_leaves_every_group_unchanged():
+    # Group 0 is small enough to step on the calling thread, group 1 needs the pool, which is
+    # built on first use: with no address space left for thread stacks the build fails. That
+    # must happen before group 0 is written, not between the two groups.
+    from _attacks import run_case
+
+    out = run_case(
+        r"""
+        import resource
+        from rustadam import Adam
+        small, big = torch.randn(10), torch.randn(1 << 20)
+        opt = Adam([{"params": [small]}, {"params": [big], "lr": 1e-2}], num_threads=2)
+        small.grad, big.grad = torch.ones(10), torch.ones(1 << 20)
+        opt.init_state(opt.state[small], opt.param_groups[0], small)
+        opt.init_state(opt.state[big], opt.param_groups[1], big)
+        snap = snapshot(opt)
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) for line in f if line.startswith("VmSize:")) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (4 << 20), resource.RLIM_INFINITY))
+        try:
+            opt.step()
+            print("stepped")
+        except RuntimeError as e:
+            print("refused:", str(e).splitlines()[0])
+            assert_unchanged(opt, snap, "after the refused step")
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        opt.step()
+        print("then", [opt.state[p]["step"] for p in (small, big)])
+        """,
+        env={"RUSTADAM_THREAD_POOL": "rayon"},
+    )
+    lines = out.strip().splitlines()
+    # Where the limit leaves room for the pool the step is simply whole; here it does not.
+    assert lines[0].startswith("refused:") and "thread pool" in lines[0], out
+    assert "nothing was written" in lines[0], out
+    assert lines[-1] == "then [1, 1]", out

@@ -3,8 +3,12 @@
 //! through a [`Plan`].
 //!
 //! A plan holds the storage of each buffer it will touch, so their memory outlives the step
-//! whatever other threads do to the tensors while the GIL is released. The one precondition
-//! left to the user is torch's own: nothing gives a stepped storage new memory meanwhile.
+//! whatever other threads do to the tensors while the GIL is released. The storages are taken
+//! and the views checked against them in one last pass in which no Python code can run; from
+//! there `step_plain` writes without Python code in between, and a plan handed to Python
+//! checks again at `execute` that every storage still has its memory. The one precondition
+//! left to the user is torch's own: nothing gives a stepped storage new memory while the
+//! kernel runs.
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -154,6 +158,20 @@ pub(crate) struct GroupInput<'py> {
     pub(crate) compensations: Option<Vec<Option<Bound<'py, PyAny>>>>,
     pub(crate) steps: Vec<u64>,
     pub(crate) seeds: Vec<u64>,
+}
+
+impl<'py> GroupInput<'py> {
+    /// Parameter `i`'s buffers, by `Role` order.
+    fn objects(&self, i: usize) -> [Option<&Bound<'py, PyAny>>; 6] {
+        [
+            Some(&self.params[i]),
+            Some(&self.grads[i]),
+            Some(&self.exp_avgs[i]),
+            Some(&self.exp_avg_sqs[i]),
+            self.max_exp_avg_sqs.as_ref().map(|v| &v[i]),
+            self.compensations.as_ref().and_then(|v| v[i].as_ref()),
+        ]
+    }
 }
 
 /// An error naming the group, parameter and reason, as a Python `rustadam._core.StepError`.
@@ -322,16 +340,7 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
                 "group {gi}: max_exp_avg_sqs must be given exactly when amsgrad is set"
             )));
         }
-        let objs_at = |i: usize| {
-            [
-                Some(&g.params[i]),
-                Some(&g.grads[i]),
-                Some(&g.exp_avgs[i]),
-                Some(&g.exp_avg_sqs[i]),
-                g.max_exp_avg_sqs.as_ref().map(|v| &v[i]),
-                g.compensations.as_ref().and_then(|v| v[i].as_ref()),
-            ]
-        };
+        let objs_at = |i: usize| g.objects(i);
         for i in 0..n {
             // SAFETY: the objects are held by `groups` for the whole call; the GIL is held.
             unsafe {
@@ -387,6 +396,7 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
         }
         configs.push(cfg);
     }
+    hold_storages(py, th, &groups, &mut items)?;
     let spans = mark_shared(&mut items);
     // A parameter listed twice shares all its memory with itself: only such items can be one.
     let mut seen = std::collections::HashSet::new();
@@ -407,6 +417,46 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
         spans,
         done: false,
     })
+}
+
+/// Holds the storage of every buffer the core will touch and checks each view against its
+/// storage's memory, in one pass in which no Python code can run: nothing here releases the
+/// GIL (the reads before, `is_neg()`, did), and the collector, which could run finalizers in
+/// an allocation, is paused. What `step_plain` checks here is what it writes.
+fn hold_storages(
+    py: Python<'_>,
+    th: &Torch,
+    groups: &[GroupInput<'_>],
+    items: &mut [Item],
+) -> PyResult<()> {
+    let _paused = tensor::NoCollection::enter(py, th)?;
+    let n = items.len();
+    for k in 0..n {
+        let objs = |j: usize| groups[items[j].group].objects(items[j].index);
+        // SAFETY: the objects are held by `groups` for the whole call; the GIL is held.
+        unsafe {
+            prefetch::ahead(th, k, n, Then::Storage, |j| {
+                objs(j).map(|o| o.map_or(std::ptr::null_mut(), |o| o.as_ptr()))
+            });
+        }
+        let buffers = objs(k);
+        let it = &mut items[k];
+        for ((r, obj), slot) in Role::ALL.iter().zip(buffers).zip(it.bufs.iter_mut()) {
+            let (Some(obj), Some(m)) = (obj, slot.as_mut()) else {
+                continue;
+            };
+            if let Err(why) = tensor::hold(obj, th, m)? {
+                let problem = Problem::Storage(*r, why);
+                return Err(refused(
+                    it.group,
+                    it.index,
+                    problem.kind(),
+                    problem.message(|_| String::new()),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Parameters whose buffers share memory with another parameter's (where one writes) are
@@ -742,6 +792,19 @@ impl Plan {
         self.done = true;
         let _borrow = registry::borrow(std::mem::take(&mut self.spans))?;
         let (configs, items) = (&self.configs, &self.items);
+        // Several kernel calls make one step: what a later one needs is got before the first
+        // writes (each call alone is all or nothing).
+        let mut batched = vec![false; configs.len()];
+        let mut calls = 0;
+        for it in items {
+            if it.sequential || !std::mem::replace(&mut batched[it.group], true) {
+                calls += 1;
+            }
+        }
+        if calls > 1 {
+            opts.prepare()
+                .map_err(|e| PyRuntimeError::new_err(format!("{e}; nothing was written")))?;
+        }
         py.detach(|| -> Result<(), String> {
             for (gi, cfg) in configs.iter().enumerate() {
                 let batch: Vec<&Item> = items

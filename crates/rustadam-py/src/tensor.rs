@@ -44,14 +44,22 @@ pub(crate) struct Torch {
     tensor: Py<PyType>,
     parameter: Py<PyType>,
     strided: Py<PyAny>,
-    /// `torch.Tensor`'s own methods, called with the tensor: an exact tensor's lookup finds
-    /// them, and calling them directly skips the lookup (read for every buffer of every step).
+    /// The methods of `torch._C.TensorBase` and `torch._C.StorageBase`, called with the
+    /// tensor or storage: calling them directly skips the lookup (read for every buffer of
+    /// every step), and these types are immutable, so no Python code can replace them (a
+    /// `torch.UntypedStorage.__len__` assigned by user code would lie about a storage's size).
     is_neg: Py<PyAny>,
     is_conj: Py<PyAny>,
-    storage_offset: Py<PyAny>,
     untyped_storage: Py<PyAny>,
-    /// `torch.UntypedStorage.data_ptr`, to find a held storage's memory again.
     storage_data_ptr: Py<PyAny>,
+    storage_nbytes: Py<PyAny>,
+    /// Where torch has no one-call read (`dlpack::layout`): `TensorBase`'s getters of
+    /// `layout`, `is_cpu`, `dtype` and `shape`, and its `stride` and `data_ptr` methods.
+    attributes: [Py<PyAny>; 6],
+    /// `torch._C._increment_version`: autograd's record that a tensor was written in place.
+    increment_version: Py<PyAny>,
+    /// `gc.isenabled`, `gc.disable` and `gc.enable`, for `NoCollection`.
+    gc: [Py<PyAny>; 3],
     /// `torch._C.DisableTorchFunction`, entered while buffers are read.
     disable_torch_function: Py<PyAny>,
     /// (torch dtype, element type, complex: each element is a pair of reals)
@@ -81,13 +89,32 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
     }
     let tensor = m.getattr("Tensor")?;
     let identity_hash = identity_hash(&tensor)?;
+    let c = m.getattr("_C")?;
+    let (tensor_base, storage_base) = (c.getattr("TensorBase")?, c.getattr("StorageBase")?);
     let t = Torch {
-        is_neg: tensor.getattr("is_neg")?.unbind(),
-        is_conj: tensor.getattr("is_conj")?.unbind(),
-        storage_offset: tensor.getattr("storage_offset")?.unbind(),
-        untyped_storage: tensor.getattr("untyped_storage")?.unbind(),
-        storage_data_ptr: m.getattr("UntypedStorage")?.getattr("data_ptr")?.unbind(),
-        disable_torch_function: m.getattr("_C")?.getattr("DisableTorchFunction")?.unbind(),
+        is_neg: tensor_base.getattr("is_neg")?.unbind(),
+        is_conj: tensor_base.getattr("is_conj")?.unbind(),
+        untyped_storage: tensor_base.getattr("untyped_storage")?.unbind(),
+        storage_data_ptr: storage_base.getattr("data_ptr")?.unbind(),
+        storage_nbytes: storage_base.getattr("nbytes")?.unbind(),
+        attributes: [
+            tensor_base.getattr("layout")?.unbind(),
+            tensor_base.getattr("is_cpu")?.unbind(),
+            tensor_base.getattr("dtype")?.unbind(),
+            tensor_base.getattr("shape")?.unbind(),
+            tensor_base.getattr("stride")?.unbind(),
+            tensor_base.getattr("data_ptr")?.unbind(),
+        ],
+        disable_torch_function: c.getattr("DisableTorchFunction")?.unbind(),
+        increment_version: c.getattr("_increment_version")?.unbind(),
+        gc: {
+            let gc = py.import("gc")?;
+            [
+                gc.getattr("isenabled")?.unbind(),
+                gc.getattr("disable")?.unbind(),
+                gc.getattr("enable")?.unbind(),
+            ]
+        },
         tensor: tensor.cast_into::<PyType>()?.unbind(),
         parameter: m
             .getattr("nn")?
@@ -104,7 +131,7 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
 
 /// Torch-function modes and subclass handlers switched off for as long as it lives: an active
 /// `TorchFunctionMode` would otherwise run its own Python code for (and answer) the metadata
-/// calls `read` makes, `storage_offset()` included.
+/// calls `read` makes, `is_neg()` included.
 pub(crate) struct NoTorchFunction<'py>(Bound<'py, PyAny>);
 
 impl<'py> NoTorchFunction<'py> {
@@ -144,8 +171,14 @@ pub(crate) enum Refusal {
     ConjView,
     /// No memory of its own (a freed storage, a wrapper): `data_ptr()` is 0.
     NoData,
-    /// Its view reaches outside its storage (a storage shrunk after the view was made).
-    OutsideStorage { needed: usize, nbytes: usize },
+    /// Its view reaches outside its storage (a storage shrunk after the view was made, or a
+    /// tensor whose data another thread replaced while it was read): it covers bytes
+    /// `[start, end)` of a storage of `nbytes`.
+    OutsideStorage {
+        start: isize,
+        end: isize,
+        nbytes: usize,
+    },
     /// Its data pointer is not aligned for its element type.
     Misaligned(usize),
 }
@@ -163,9 +196,9 @@ impl fmt::Display for Refusal {
             Self::NegView => write!(f, "it is a negative view (is_neg() is set)"),
             Self::ConjView => write!(f, "it is a conjugate view (is_conj() is set)"),
             Self::NoData => write!(f, "it has no data of its own (data_ptr() is 0)"),
-            Self::OutsideStorage { needed, nbytes } => write!(
+            Self::OutsideStorage { start, end, nbytes } => write!(
                 f,
-                "its view needs {needed} bytes of its storage, which has {nbytes}"
+                "its view covers bytes [{start}, {end}) of its storage, which has {nbytes}"
             ),
             Self::Misaligned(p) => write!(f, "its data pointer {p:#x} is misaligned"),
         }
@@ -250,6 +283,20 @@ impl Torch {
         Ok(self.tensor.bind(py).getattr(key)?.is(f) && self.parameter.bind(py).getattr(key)?.is(f))
     }
 
+    /// Bumps the version counter of every tensor of `written` (autograd then refuses a backward
+    /// through a graph that saved one of them before the step).
+    pub(crate) fn increment_version(&self, written: &Bound<'_, PyAny>) -> PyResult<()> {
+        call_one(&self.increment_version, written).map(drop)
+    }
+
+    /// A storage's memory: its first byte and its size in bytes.
+    fn storage_memory(&self, storage: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
+        Ok((
+            call_one(&self.storage_data_ptr, storage)?.extract()?,
+            call_one(&self.storage_nbytes, storage)?.extract()?,
+        ))
+    }
+
     /// Whether `ty` is exactly `torch.Tensor` or `torch.nn.Parameter` (no subclass).
     pub(crate) fn is_exact_tensor_type(&self, ty: *mut ffi::PyTypeObject) -> bool {
         let ty = ty.cast::<ffi::PyObject>();
@@ -294,22 +341,26 @@ pub(crate) fn read(
             (l.ptr, dtype, complex, l.shape, l.strides)
         }
         None => {
-            let layout = t.getattr(intern!(py, "layout"))?;
+            // `TensorBase`'s own getters and methods (a getset descriptor's `__get__` is the
+            // getter), never `t`'s attribute lookup, which Python code could redirect.
+            let [layout, is_cpu, dtype, shape, stride, data_ptr] = &th.attributes;
+            let get = |d: &Py<PyAny>| d.bind(py).call_method1(intern!(py, "__get__"), (t,));
+            let layout = get(layout)?;
             if !layout.is(th.strided.bind(py)) {
                 return Ok(Err(Refusal::Layout(layout.to_string())));
             }
-            if !t.getattr(intern!(py, "is_cpu"))?.extract::<bool>()? {
+            if !get(is_cpu)?.extract::<bool>()? {
                 let device = t.getattr(intern!(py, "device"))?;
                 return Ok(Err(Refusal::Device(device.to_string())));
             }
-            let dt = t.getattr(intern!(py, "dtype"))?;
+            let dt = get(dtype)?;
             let Some(&(_, dtype, complex)) = th.dtypes.iter().find(|(d, _, _)| dt.is(d.bind(py)))
             else {
                 return Ok(Err(Refusal::DType(dt.to_string())));
             };
-            let shape: Dims<usize> = dims(t.getattr(intern!(py, "shape"))?)?;
-            let strides: Dims<isize> = dims(t.call_method0(intern!(py, "stride"))?)?;
-            let ptr: usize = t.call_method0(intern!(py, "data_ptr"))?.extract()?;
+            let shape: Dims<usize> = dims(get(shape)?)?;
+            let strides: Dims<isize> = dims(call_one(stride, t)?)?;
+            let ptr: usize = call_one(data_ptr, t)?.extract()?;
             (ptr, dtype, complex, shape, strides)
         }
     };
@@ -319,17 +370,15 @@ pub(crate) fn read(
     if complex && call_one(&th.is_conj, t)?.extract::<bool>()? {
         return Ok(Err(Refusal::ConjView));
     }
-    let mut offset: usize = call_one(&th.storage_offset, t)?.extract()?;
     if complex {
         // A complex tensor is a real one with a trailing dimension (re, im) of stride 1.
         strides.iter_mut().for_each(|s| *s *= 2);
         shape.push(2);
         strides.push(1);
-        offset *= 2;
     }
     let numel = shape.iter().product::<usize>();
     let range = layout::offset_range(&shape, &strides);
-    let mut meta = Meta {
+    let meta = Meta {
         ptr,
         dtype,
         complex,
@@ -340,28 +389,71 @@ pub(crate) fn read(
         storage: None,
         storage_at: (0, 0),
     };
-    let Some((lo, hi)) = range else {
-        return Ok(Ok(meta));
-    };
-    if ptr == 0 {
-        return Ok(Err(Refusal::NoData));
+    if range.is_some() {
+        if ptr == 0 {
+            return Ok(Err(Refusal::NoData));
+        }
+        if !ptr.is_multiple_of(dtype.size()) {
+            return Ok(Err(Refusal::Misaligned(ptr)));
+        }
     }
-    if !ptr.is_multiple_of(dtype.size()) {
-        return Ok(Err(Refusal::Misaligned(ptr)));
-    }
-    // The view must lie inside the storage we hold: data_ptr is the storage's base plus
-    // storage_offset elements, so the bounds follow from the offsets alone.
-    let storage = call_one(&th.untyped_storage, t)?;
-    // len() of an UntypedStorage is its size in bytes (a slot call, no method lookup).
-    let nbytes: usize = storage.len()?;
-    let first = offset as isize + lo;
-    let needed = (offset as isize + hi + 1) as usize * dtype.size();
-    if first < 0 || needed > nbytes {
-        return Ok(Err(Refusal::OutsideStorage { needed, nbytes }));
-    }
-    meta.storage = Some(storage.unbind());
-    meta.storage_at = (ptr - offset * dtype.size(), nbytes);
     Ok(Ok(meta))
+}
+
+/// Takes a reference to the storage of `t`, the tensor `m` was read from, and checks that the
+/// view `m` describes lies inside that storage's memory. The view and the storage come from
+/// separate calls, with `read`'s `is_neg()` (which releases the GIL) between them and other
+/// tensors' reads: another thread may have given `t` other data meanwhile. Measured against
+/// the held storage itself, a view that is not inside it is refused, and one that is can be
+/// written for as long as the storage is held. `m.storage` stays None for an empty view.
+pub(crate) fn hold(
+    t: &Bound<'_, PyAny>,
+    th: &Torch,
+    m: &mut Meta,
+) -> PyResult<Result<(), Refusal>> {
+    let Some((lo, hi)) = m.range else {
+        return Ok(Ok(()));
+    };
+    let storage = call_one(&th.untyped_storage, t)?;
+    let (base, nbytes) = th.storage_memory(&storage)?;
+    let size = m.dtype.size() as isize;
+    let at = m.ptr.wrapping_sub(base) as isize;
+    let byte = |i: isize| i.checked_mul(size).and_then(|b| b.checked_add(at));
+    let (start, end) = match (byte(lo), hi.checked_add(1).and_then(byte)) {
+        (Some(s), Some(e)) => (s, e),
+        _ => (isize::MIN, isize::MAX), // beyond any storage
+    };
+    if start < 0 || end as usize > nbytes {
+        return Ok(Err(Refusal::OutsideStorage { start, end, nbytes }));
+    }
+    m.storage = Some(storage.unbind());
+    m.storage_at = (base, nbytes);
+    Ok(Ok(()))
+}
+
+/// The cyclic garbage collector paused for as long as it lives (if it was running): a
+/// collection runs finalizers (arbitrary Python code) inside any allocation of a tracked
+/// object, `untyped_storage()`'s result included.
+pub(crate) struct NoCollection<'py>(Option<Bound<'py, PyAny>>);
+
+impl<'py> NoCollection<'py> {
+    pub(crate) fn enter(py: Python<'py>, th: &Torch) -> PyResult<Self> {
+        let [isenabled, disable, enable] = &th.gc;
+        if !isenabled.bind(py).call0()?.is_truthy()? {
+            return Ok(Self(None));
+        }
+        disable.bind(py).call0()?;
+        Ok(Self(Some(enable.bind(py).clone())))
+    }
+}
+
+impl Drop for NoCollection<'_> {
+    fn drop(&mut self) {
+        let Some(enable) = &self.0 else { return };
+        if let Err(e) = enable.call0() {
+            e.write_unraisable(enable.py(), Some(enable));
+        }
+    }
 }
 
 /// Whether the storage `m` holds still has the memory it had when `m` was read (nothing moved
@@ -370,7 +462,5 @@ pub(crate) fn still_in_place(py: Python<'_>, m: &Meta, th: &Torch) -> PyResult<b
     let Some(storage) = &m.storage else {
         return Ok(true); // an empty view: nothing is read or written
     };
-    let storage = storage.bind(py);
-    let base: usize = call_one(&th.storage_data_ptr, storage)?.extract()?;
-    Ok((base, storage.len()?) == m.storage_at)
+    Ok(th.storage_memory(storage.bind(py))? == m.storage_at)
 }

@@ -192,6 +192,23 @@ impl ExecOptions {
         }
         Ok(())
     }
+
+    /// Makes ready what a threaded call with these options needs (the crate's thread pool,
+    /// built on first use), so that a host running one step as several calls can fail before
+    /// the first call writes instead of between two calls. Each call is all or nothing by
+    /// itself; the pool is the one thing a later call could fail to get.
+    ///
+    /// ```
+    /// let opts = rustadam::ExecOptions { num_threads: 2, ..Default::default() };
+    /// opts.prepare().unwrap();
+    /// ```
+    pub fn prepare(&self) -> Result<(), AdamError> {
+        self.validate()?;
+        if self.num_threads > 1 && self.fork_join.is_none() {
+            pool(self.num_threads)?;
+        }
+        Ok(())
+    }
 }
 
 /// The most threads a call may ask for: 1024, or the machine's parallelism if larger. A bound,
