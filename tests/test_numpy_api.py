@@ -370,12 +370,29 @@ def test_dtype_errors():
 
 def test_step_count_errors():
     p, g, m, v = fresh()
-    with pytest.raises(ValueError, match=r"^step must be at least 1 .*got 0$"):
+    with pytest.raises(ValueError, match=r"^step must be an int from 1 to 2\*\*63 - 1 .*got 0$"):
         adam_step(p, g, m, v, 0)
-    with pytest.raises(ValueError, match=r"^step must be at least 1 .*got -3$"):
+    with pytest.raises(ValueError, match=r"^step must be an int from 1 to 2\*\*63 - 1 .*got -3$"):
         adam_step(p, g, m, v, -3)
     with pytest.raises(TypeError, match="step"):
         adam_step(p, g, m, v, 1.5)
+    with pytest.raises(TypeError, match=r"^step must be an int, not bool"):
+        adam_step(p, g, m, v, True)
+    for huge in (2**63, 2**64):
+        with pytest.raises(ValueError, match=r"^step must be an int from 1 to 2\*\*63 - 1"):
+            adam_step(p, g, m, v, huge)
+    np.testing.assert_array_equal(p, fresh()[0])  # nothing was written
+    adam_step(p, g, m, v, np.int64(1))  # numpy's integers are ints
+    assert not np.array_equal(p, fresh()[0])
+
+
+def test_flags_are_bools():
+    for flag in ("weight_decouple", "absolute", "optimized_update"):
+        with pytest.raises(ValueError, match=f"^{flag} must be a bool, got 'False'"):
+            Adam([np.ones(2)], **{flag: "False"})
+        with pytest.raises(ValueError, match=f"^{flag} must be a bool, got 2"):
+            adam_step(*fresh(), 1, **{flag: 2})
+    Adam([np.ones(2)], weight_decouple=np.bool_(False), absolute=0, optimized_update=1)
 
 
 @pytest.mark.parametrize(
@@ -428,8 +445,16 @@ def test_load_state_dict_errors():
     with pytest.raises(ValueError, match="state for parameter 1 but the optimizer has 1"):
         opt.load_state_dict({**good, **bad_index})
     bad_step = {"state": {0: {"step": -1, "exp_avg": np.zeros(3), "exp_avg_sq": np.zeros(3)}}}
-    with pytest.raises(ValueError, match="step must be an int >= 0"):
+    with pytest.raises(ValueError, match="step must be an int from 0 to"):
         opt.load_state_dict({**good, **bad_step})
+    # The count after the next update must fit in 63 bits, as the core takes it.
+    for step in (2**63 - 1, np.uint64(2**64 - 1), True, 1.0):
+        huge = {"state": {0: {"step": step, "exp_avg": np.zeros(3), "exp_avg_sq": np.zeros(3)}}}
+        with pytest.raises(ValueError, match="step must be an int from 0 to"):
+            opt.load_state_dict({**good, **huge})
+    for flag in ("weight_decouple", "absolute", "optimized_update"):
+        with pytest.raises(ValueError, match=f"{flag} must be a bool, got 'False'"):
+            opt.load_state_dict({**good, "hyperparams": {**good["hyperparams"], flag: "False"}})
     with pytest.raises(ValueError, match="Invalid learning rate: -1"):
         opt.load_state_dict({**good, "hyperparams": {**good["hyperparams"], "lr": -1}})
     assert opt.state == {} and opt.lr == 1e-3

@@ -277,3 +277,47 @@ print("END")
         timeout=60,
     )
     assert "child 0\nchild 2 threads 0\nEND" in out, out
+
+
+def test_a_forked_child_steps_numpy_arrays_a_parent_thread_was_stepping():
+    # The claims of a step running in another thread at fork() belong to the parent: the child
+    # (which has no such thread) must be able to step the same arrays.
+    out = run_case(
+        r"""
+        import numpy as np
+        from rustadam.numpy import adam_step
+        n = 1 << 23
+        arrays = [np.ones(n), np.full(n, 0.5), np.zeros(n), np.zeros(n)]
+        stop = False
+
+        def work():
+            t = 0
+            while not stop:
+                t += 1
+                adam_step(*arrays, t, num_threads=1)
+
+        th = threading.Thread(target=work)
+        th.start()
+        time.sleep(0.2)
+        failures = 0
+        for _ in range(5):
+            time.sleep(0.01)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    a = [np.ones(8), np.full(8, 0.5), np.zeros(8), np.zeros(8)]
+                    adam_step(*a, 1)
+                    adam_step(*arrays, 10**6, num_threads=1)
+                    os._exit(0)
+                except BaseException as e:
+                    print("child:", type(e).__name__, e, flush=True)
+                    os._exit(3)
+            _, status = os.waitpid(pid, 0)
+            failures += status != 0
+        stop = True
+        th.join()
+        print("failures", failures)
+        """,
+        timeout=120,
+    )
+    assert out.strip().splitlines()[-1] == "failures 0", out

@@ -129,8 +129,9 @@ def step_plain(
     """One step of ``rustadam.Adam`` when every parameter is plain: exact tensors, each with a
     gradient already has its state (an int ``step`` and the moments; ``max_exp_avg_sq`` with
     amsgrad), and the core takes every buffer. Gathers every group's lists from the
-    parameters' ``.grad`` and ``state``, plans, steps and advances the step counts; returns the
-    tensors it wrote. Returns None having changed nothing otherwise."""
+    parameters' ``.grad`` and ``state``, plans, steps, advances the step counts and bumps the
+    version counters of the tensors it wrote (all before returning); returns those tensors.
+    Returns None having changed nothing otherwise."""
 
 def adam_step(
     params: Sequence[torch.Tensor],
@@ -193,10 +194,13 @@ def numpy_adam_step_many(
     config: Config,
     *,
     num_threads: Optional[int] = None,
+    states: Optional[Sequence[dict[str, Any]]] = None,
 ) -> None:
     """One Adam step of many parameters' numpy arrays in one call.
 
     Lists of equal length; a parameter's four arrays share a dtype, parameters may differ.
+    With ``states``, ``states[i]["step"]`` is set to ``steps[i]`` once the arrays are written,
+    inside the call.
 
     Raises:
         TypeError, ValueError: naming the argument at fault; nothing is written unless every

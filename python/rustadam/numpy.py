@@ -44,6 +44,18 @@ from rustadam import _core
 __all__ = ["Adam", "adam_step"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# The configuration's arguments, in _config's order (also the keys of a state_dict's hyperparams).
+_HYPERPARAMS = (
+    "lr",
+    "betas",
+    "eps",
+    "weight_decay",
+    "weight_decouple",
+    "absolute",
+    "optimized_update",
+)
+# The largest step count the core takes: t counts updates and fits in 63 bits.
+_MAX_STEP = 2**63 - 1
 
 
 def _config(
@@ -63,10 +75,20 @@ def _config(
         betas=(float(betas[0]), float(betas[1])),
         eps=float(eps),
         weight_decay=float(weight_decay),
-        weight_decouple=bool(weight_decouple),
-        absolute=bool(absolute),
-        optimized_update=bool(optimized_update),
+        weight_decouple=_flag("weight_decouple", weight_decouple),
+        absolute=_flag("absolute", absolute),
+        optimized_update=_flag("optimized_update", optimized_update),
     )
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A switch: a bool (numpy's included) or the int 0 or 1, never a truthy stand-in such as
+    the string 'False'."""
+    if isinstance(value, (bool, np.bool_)) or (
+        isinstance(value, (int, np.integer)) and value in (0, 1)
+    ):
+        return bool(value)
+    raise ValueError(f"{name} must be a bool, got {value!r}")
 
 
 def _check_num_threads(num_threads: Optional[int]) -> None:
@@ -169,7 +191,7 @@ class Adam:
             raise ValueError("Adam got an empty parameter list")
         for i, p in enumerate(self.params):
             _check_param(p, f"params[{i}]")
-        _config(lr, betas, eps, weight_decay)
+        _config(lr, betas, eps, weight_decay, weight_decouple, absolute, optimized_update)
         _check_num_threads(num_threads)
         self.lr = lr
         self.betas = betas
@@ -211,19 +233,27 @@ class Adam:
         _check_num_threads(self.num_threads)
         idx = [i for i, g in enumerate(grads) if g is not None]
         # New states are kept only once the step has succeeded.
-        states = {i: self.state.get(i) or _fresh_state(self.params[i]) for i in idx}
-        _core.numpy_adam_step_many(
-            [self.params[i] for i in idx],
-            [grads[i] for i in idx],
-            [states[i]["exp_avg"] for i in idx],
-            [states[i]["exp_avg_sq"] for i in idx],
-            [states[i]["step"] + 1 for i in idx],
-            config,
-            num_threads=self.num_threads,
-        )
-        for i in idx:
-            states[i]["step"] += 1
-            self.state[i] = states[i]
+        new = {i: _fresh_state(self.params[i]) for i in idx if i not in self.state}
+        states = [self.state.get(i) or new[i] for i in idx]
+        try:
+            self.state.update(new)
+            # The call advances the step counts itself, together with the arrays.
+            _core.numpy_adam_step_many(
+                [self.params[i] for i in idx],
+                [grads[i] for i in idx],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["step"] + 1 for s in states],
+                config,
+                num_threads=self.num_threads,
+                states=states,
+            )
+        except BaseException:
+            # A new state the call did not advance (it raised, or an interrupt came first).
+            for i, s in new.items():
+                if s["step"] == 0:
+                    self.state.pop(i, None)
+            raise
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state: ``{"state": {i: {"step", "exp_avg", "exp_avg_sq"}},
@@ -256,20 +286,12 @@ class Adam:
         if not isinstance(state_dict, Mapping) or not {"state", "hyperparams"} <= set(state_dict):
             raise ValueError("state_dict must be a dict with 'state' and 'hyperparams' entries")
         hyper = dict(state_dict["hyperparams"])
-        known = {
-            "lr",
-            "betas",
-            "eps",
-            "weight_decay",
-            "weight_decouple",
-            "absolute",
-            "optimized_update",
-        }
+        known = set(_HYPERPARAMS)
         if set(hyper) != known:
             raise ValueError(
                 f"state_dict['hyperparams'] must have the keys {sorted(known)}, got {sorted(hyper)}"
             )
-        _config(hyper["lr"], hyper["betas"], hyper["eps"], hyper["weight_decay"])
+        _config(*(hyper[k] for k in _HYPERPARAMS))
         state: dict[int, dict[str, Any]] = {}
         for key, s in dict(state_dict["state"]).items():
             i = _index(key, len(self.params))
@@ -279,8 +301,15 @@ class Adam:
                     f"state of parameter {i} must have the keys 'step', 'exp_avg' and 'exp_avg_sq'"
                 )
             step = s["step"]
-            if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-                raise ValueError(f"state of parameter {i}: step must be an int >= 0, got {step!r}")
+            if (
+                isinstance(step, (bool, np.bool_))
+                or not isinstance(step, (int, np.integer))
+                or not 0 <= int(step) <= _MAX_STEP - 1
+            ):
+                raise ValueError(
+                    f"state of parameter {i}: step must be an int from 0 to {_MAX_STEP - 1} (the "
+                    f"count after the next update must fit in 63 bits), got {step!r}"
+                )
             loaded = {"step": int(step)}
             for name in ("exp_avg", "exp_avg_sq"):
                 a = np.asarray(s[name])

@@ -463,8 +463,6 @@ class Adam(Optimizer):
                 num_threads=functional.threads(self.num_threads),
             )
             if written is not None:
-                if written:
-                    torch._C._increment_version(written)
                 return
         created: list[torch.Tensor] = []
         try:

@@ -2,19 +2,20 @@
 //!
 //! `numpy_adam_step` updates one parameter's arrays in place, `numpy_adam_step_many` many in one
 //! call. Each array is checked (an ndarray of float32 or float64, one dtype and shape per
-//! parameter, C-contiguous, aligned), then borrowed through rust-numpy's borrow checker:
-//! writable for the parameter and moments, read-only for the gradient. That refuses read-only
-//! arrays and any array passed twice where one of the uses writes, before anything is written.
-//! The kernel runs with the GIL released.
+//! parameter, C-contiguous, aligned, the parameter and moments writeable), and no array the
+//! step writes may share a byte with any other array of the call, found by memory extents
+//! (not by base objects, which two `numpy.frombuffer` views of one buffer do not share). The
+//! step claims its memory in the process-wide registry torch steps use too, then runs with the
+//! GIL released. Nothing is written unless every check passes.
 
 use crate::config::Config;
 use numpy::prelude::*;
-use numpy::{
-    dtype, BorrowError, PyArrayDyn, PyReadonlyArrayDyn, PyReadwriteArrayDyn, PyUntypedArray,
-};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use numpy::{dtype, npyffi, PyUntypedArray};
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
-use rustadam::{layout, AdamConfig, AnyTensor, ExecOptions, TensorRefs};
+use pyo3::types::{PyBool, PyDict};
+use rustadam::{layout, AdamConfig, AnyTensor, Element, ExecOptions, TensorRefs};
 
 /// The arguments' names, in the order a parameter's arrays are checked and borrowed.
 const NAMES: [&str; 4] = ["param", "grad", "exp_avg", "exp_avg_sq"];
@@ -47,6 +48,15 @@ fn tuple_str<T: std::fmt::Display>(items: &[T]) -> String {
 enum DType {
     F32,
     F64,
+}
+
+impl DType {
+    fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
 }
 
 /// Checks one argument and returns its dtype; `TypeError`/`ValueError` naming it otherwise.
@@ -87,21 +97,16 @@ fn check_array(obj: &Bound<'_, PyAny>, name: &str, written: bool) -> PyResult<DT
     Ok(kind)
 }
 
-/// A parameter's four arrays, borrowed.
-struct Borrowed<'py, T: numpy::Element> {
-    param: PyReadwriteArrayDyn<'py, T>,
-    grad: PyReadonlyArrayDyn<'py, T>,
-    exp_avg: PyReadwriteArrayDyn<'py, T>,
-    exp_avg_sq: PyReadwriteArrayDyn<'py, T>,
-    step: u64,
+/// Whether numpy lets the array be written (its WRITEABLE flag).
+fn is_writeable(arr: &Bound<'_, PyUntypedArray>) -> bool {
+    // SAFETY: `arr` is a live ndarray and the GIL is held; its flags are a plain field.
+    unsafe {
+        (*npyffi::_PyArray_GET_ITEM_DATA(arr.as_array_ptr())).flags & npyffi::NPY_ARRAY_WRITEABLE
+            != 0
+    }
 }
 
-enum Entry<'py> {
-    F32(Borrowed<'py, f32>),
-    F64(Borrowed<'py, f64>),
-}
-
-/// The memory an array borrowed so far covers, to name the other argument of a conflict.
+/// The memory an array covers, named for messages.
 struct Span {
     start: usize,
     end: usize,
@@ -109,112 +114,121 @@ struct Span {
     written: bool,
 }
 
-/// Turns a failed borrow into a message naming both arguments where the conflict is ours.
-fn borrow_error(err: BorrowError, name: &str, start: usize, end: usize, spans: &[Span]) -> PyErr {
-    match err {
-        BorrowError::NotWriteable => PyValueError::new_err(format!(
-            "{name} is read-only (its WRITEABLE flag is off); it is updated in place"
-        )),
-        _ => match spans.iter().find(|s| start < s.end && s.start < end) {
-            Some(other) => PyValueError::new_err(format!(
-                "{name} shares memory with {}: every param, exp_avg and exp_avg_sq must be its \
-                 own array (was one array passed twice?)",
-                other.name
-            )),
-            None => PyValueError::new_err(format!(
-                "{name} is already borrowed by other Rust code; it cannot be updated now"
-            )),
-        },
-    }
-}
-
-/// Checks the dtypes and shapes of one parameter's arrays, then borrows them.
-fn borrow_entry<'py, T: numpy::Element>(
-    objs: [&Bound<'py, PyAny>; 4],
-    index: Option<usize>,
+/// One parameter's four arrays (param, grad, exp_avg, exp_avg_sq), as first element and
+/// length; made only by `Checked::new`.
+struct Entry<T> {
+    ptrs: [*mut T; 4],
+    len: usize,
     step: u64,
-    spans: &mut Vec<Span>,
-) -> PyResult<Borrowed<'py, T>> {
-    let arrays: Vec<&Bound<'py, PyArrayDyn<T>>> = objs
-        .iter()
-        .map(|o| o.cast::<PyArrayDyn<T>>())
-        .collect::<Result<_, _>>()?;
-    let shape = arrays[0].shape();
-    for (b, a) in arrays.iter().enumerate().skip(1) {
-        if a.shape() != shape {
-            return Err(PyValueError::new_err(format!(
-                "{} has shape {} but {} has shape {}",
-                label(b, index),
-                tuple_str(a.shape()),
-                label(0, index),
-                tuple_str(shape)
-            )));
-        }
-    }
-    let bytes = arrays[0].len() * std::mem::size_of::<T>();
-    let take = |b: usize| -> (String, usize, usize) {
-        let start = arrays[b].data() as usize;
-        (label(b, index), start, start + bytes)
-    };
-    // Borrowed in the order param, grad, exp_avg, exp_avg_sq, so a conflict names the later one.
-    let (name, start, end) = take(0);
-    let param = arrays[0]
-        .try_readwrite()
-        .map_err(|e| borrow_error(e, &name, start, end, spans))?;
-    spans.push(Span {
-        start,
-        end,
-        name,
-        written: true,
-    });
-    let (name, start, end) = take(1);
-    let grad = arrays[1]
-        .try_readonly()
-        .map_err(|e| borrow_error(e, &name, start, end, spans))?;
-    spans.push(Span {
-        start,
-        end,
-        name,
-        written: false,
-    });
-    let (name, start, end) = take(2);
-    let exp_avg = arrays[2]
-        .try_readwrite()
-        .map_err(|e| borrow_error(e, &name, start, end, spans))?;
-    spans.push(Span {
-        start,
-        end,
-        name,
-        written: true,
-    });
-    let (name, start, end) = take(3);
-    let exp_avg_sq = arrays[3]
-        .try_readwrite()
-        .map_err(|e| borrow_error(e, &name, start, end, spans))?;
-    spans.push(Span {
-        start,
-        end,
-        name,
-        written: true,
-    });
-    Ok(Borrowed {
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        step,
-    })
 }
 
-fn refs<'a, T: numpy::Element>(b: &'a mut Borrowed<'_, T>) -> PyResult<TensorRefs<'a, T>> {
-    let err = |_| PyValueError::new_err("an array is not contiguous and aligned");
-    Ok(TensorRefs::new(
-        b.param.as_slice_mut().map_err(err)?,
-        b.grad.as_slice().map_err(err)?,
-        b.exp_avg.as_slice_mut().map_err(err)?,
-        b.exp_avg_sq.as_slice_mut().map_err(err)?,
-        b.step,
-    ))
+/// Every array of a call, checked: ndarrays of one element type per parameter, C-contiguous,
+/// aligned, the written ones writeable, and no written array sharing a byte with any other
+/// array of the call (by memory extents, whatever their base objects). The only way to the
+/// slices the kernel takes (`tensors`).
+struct Checked<'a> {
+    f32s: Vec<Entry<f32>>,
+    f64s: Vec<Entry<f64>>,
+    /// The arrays, held for as long as their memory is used.
+    _held: &'a [Item<'a>],
+}
+
+impl<'a> Checked<'a> {
+    /// Checks `items` (whose dtypes `kinds` gives); `ValueError` naming the array otherwise.
+    fn new(
+        items: &'a [Item<'a>],
+        kinds: &[(DType, u64)],
+        single: bool,
+    ) -> PyResult<(Self, Vec<Span>)> {
+        let mut spans = Vec::with_capacity(items.len() * 4);
+        let (mut f32s, mut f64s) = (Vec::new(), Vec::new());
+        for (i, ((objs, _), &(kind, step))) in items.iter().zip(kinds).enumerate() {
+            let index = (!single).then_some(i);
+            let arrays: Vec<&Bound<'a, PyUntypedArray>> = objs
+                .iter()
+                .map(|o| o.cast::<PyUntypedArray>())
+                .collect::<Result<_, _>>()?;
+            let shape = arrays[0].shape();
+            for (b, a) in arrays.iter().enumerate().skip(1) {
+                if a.shape() != shape {
+                    return Err(PyValueError::new_err(format!(
+                        "{} has shape {} but {} has shape {}",
+                        label(b, index),
+                        tuple_str(a.shape()),
+                        label(0, index),
+                        tuple_str(shape)
+                    )));
+                }
+            }
+            let len = arrays[0].len();
+            let bytes = len * kind.size();
+            let mut ptrs = [std::ptr::null_mut::<u8>(); 4];
+            for (b, a) in arrays.iter().enumerate() {
+                let written = b != 1;
+                if written && !is_writeable(a) {
+                    return Err(PyValueError::new_err(format!(
+                        "{} is read-only (its WRITEABLE flag is off); it is updated in place",
+                        label(b, index)
+                    )));
+                }
+                // SAFETY: a live ndarray's data pointer field, read with the GIL held.
+                let start = unsafe { (*npyffi::_PyArray_GET_ITEM_DATA(a.as_array_ptr())).data };
+                ptrs[b] = start.cast();
+                spans.push(Span {
+                    start: start as usize,
+                    end: start as usize + bytes,
+                    name: label(b, index),
+                    written,
+                });
+            }
+            match kind {
+                DType::F32 => f32s.push(Entry {
+                    ptrs: ptrs.map(|p| p.cast()),
+                    len,
+                    step,
+                }),
+                DType::F64 => f64s.push(Entry {
+                    ptrs: ptrs.map(|p| p.cast()),
+                    len,
+                    step,
+                }),
+            }
+        }
+        check_disjoint(&spans)?;
+        Ok((
+            Self {
+                f32s,
+                f64s,
+                _held: items,
+            },
+            spans,
+        ))
+    }
+
+    /// The kernel's view of every parameter.
+    fn tensors(&mut self) -> Vec<AnyTensor<'_>> {
+        fn refs<T: Element>(e: &mut Entry<T>) -> TensorRefs<'_, T> {
+            let [p, g, m, v] = e.ptrs;
+            // SAFETY: `Checked::new` found each array an ndarray of `T` (so `len` aligned
+            // elements from its data pointer are its memory), held by `_held` for this
+            // value's life (numpy does not resize an array that is referenced), and no written
+            // array sharing a byte with another; `&mut self` makes the slices unique. The one
+            // precondition left: no `resize(refcheck=False)` of these arrays meanwhile.
+            unsafe {
+                TensorRefs::new(
+                    std::slice::from_raw_parts_mut(p, e.len),
+                    std::slice::from_raw_parts(g, e.len),
+                    std::slice::from_raw_parts_mut(m, e.len),
+                    std::slice::from_raw_parts_mut(v, e.len),
+                    e.step,
+                )
+            }
+        }
+        let mut out: Vec<AnyTensor<'_>> = Vec::with_capacity(self.f32s.len() + self.f64s.len());
+        out.extend(self.f32s.iter_mut().map(|e| AnyTensor::from(refs(e))));
+        out.extend(self.f64s.iter_mut().map(|e| AnyTensor::from(refs(e))));
+        out
+    }
 }
 
 /// Refuses arrays that share memory where one is written, by their memory extents: rust-numpy's
@@ -233,39 +247,58 @@ fn check_disjoint(spans: &[Span]) -> PyResult<()> {
         None => Ok(()),
         Some(&(a, b)) => Err(PyValueError::new_err(format!(
             "{} shares memory with {}: every param, exp_avg and exp_avg_sq must be its own \
-             array, apart from every other array of the call",
+             array, apart from every other array of the call (was one array passed twice?)",
             spans[b].name, spans[a].name
         ))),
     }
 }
 
-fn check_step(step: i64, index: Option<usize>) -> PyResult<u64> {
-    if step < 1 {
-        let name = match index {
-            None => "step".to_string(),
-            Some(i) => format!("steps[{i}]"),
-        };
-        return Err(PyValueError::new_err(format!(
-            "{name} must be at least 1 (it is t, the count of updates including this one), \
-             got {step}"
-        )));
+/// A parameter's four arrays and its step count `t`, as passed.
+type Item<'py> = ([Bound<'py, PyAny>; 4], Bound<'py, PyAny>);
+
+/// A step count: an int from 1 to 2**63 - 1 (the count of updates including this one);
+/// `TypeError` for what is not an integer (a bool included), `ValueError` naming it for one
+/// out of range (not the `OverflowError` of a huge value).
+fn check_step(step: &Bound<'_, PyAny>, index: Option<usize>) -> PyResult<u64> {
+    let name = || match index {
+        None => "step".to_string(),
+        Some(i) => format!("steps[{i}]"),
+    };
+    let py = step.py();
+    let value = match step.extract::<i64>() {
+        _ if step.is_instance_of::<PyBool>() => None,
+        Ok(t) => Some(t),
+        Err(e) if e.is_instance_of::<PyOverflowError>(py) => Some(0),
+        Err(_) => None,
+    };
+    match value {
+        Some(t) if t >= 1 => Ok(t as u64),
+        Some(_) => Err(PyValueError::new_err(format!(
+            "{} must be an int from 1 to 2**63 - 1 (it is t, the count of updates including \
+             this one), got {step}",
+            name()
+        ))),
+        None => Err(PyTypeError::new_err(format!(
+            "{} must be an int, not {}",
+            name(),
+            step.get_type().name()?
+        ))),
     }
-    Ok(step as u64)
 }
 
 /// Checks and borrows every parameter's arrays, then runs one step over all of them with the
 /// GIL released. `index` is `None` for the one-parameter call.
 fn run(
     py: Python<'_>,
-    items: Vec<([Bound<'_, PyAny>; 4], i64)>,
+    items: Vec<Item<'_>>,
     single: bool,
     cfg: &AdamConfig,
     num_threads: Option<usize>,
 ) -> PyResult<()> {
-    let mut checked = Vec::with_capacity(items.len());
+    let mut kinds = Vec::with_capacity(items.len());
     for (i, (objs, step)) in items.iter().enumerate() {
         let index = (!single).then_some(i);
-        let step = check_step(*step, index)?;
+        let step = check_step(step, index)?;
         let mut kind = None;
         for (b, o) in objs.iter().enumerate() {
             let k = check_array(o, &label(b, index), b != 1)?;
@@ -283,19 +316,9 @@ fn run(
                 Some(_) => {}
             }
         }
-        checked.push((kind.expect("four arrays"), step));
+        kinds.push((kind.expect("four arrays"), step));
     }
-    let mut spans = Vec::new();
-    let mut entries = Vec::with_capacity(items.len());
-    for (i, ((objs, _), (kind, step))) in items.iter().zip(&checked).enumerate() {
-        let index = (!single).then_some(i);
-        let objs = [&objs[0], &objs[1], &objs[2], &objs[3]];
-        entries.push(match kind {
-            DType::F32 => Entry::F32(borrow_entry(objs, index, *step, &mut spans)?),
-            DType::F64 => Entry::F64(borrow_entry(objs, index, *step, &mut spans)?),
-        });
-    }
-    check_disjoint(&spans)?;
+    let (mut checked, spans) = Checked::new(&items, &kinds, single)?;
     // Claimed in the process-wide registry, as torch steps claim theirs: another step (numpy or
     // torch, in another thread) over the same memory is refused instead of racing this one.
     let _claim = crate::registry::borrow(
@@ -308,13 +331,7 @@ fn run(
             })
             .collect(),
     )?;
-    let mut tensors: Vec<AnyTensor<'_>> = entries
-        .iter_mut()
-        .map(|e| match e {
-            Entry::F32(b) => refs(b).map(AnyTensor::from),
-            Entry::F64(b) => refs(b).map(AnyTensor::from),
-        })
-        .collect::<PyResult<_>>()?;
+    let mut tensors = checked.tensors();
     let opts = crate::threads::options(
         num_threads.unwrap_or_else(|| ExecOptions::default().num_threads),
         None,
@@ -339,7 +356,7 @@ fn numpy_adam_step<'py>(
     grad: Bound<'py, PyAny>,
     exp_avg: Bound<'py, PyAny>,
     exp_avg_sq: Bound<'py, PyAny>,
-    step: i64,
+    step: Bound<'py, PyAny>,
     config: Bound<'py, Config>,
     num_threads: Option<Bound<'py, PyAny>>,
 ) -> PyResult<()> {
@@ -364,9 +381,11 @@ fn supported(config: &Bound<'_, Config>) -> PyResult<AdamConfig> {
 
 /// One Adam step of many parameters' numpy arrays in one call (lists of equal length; a
 /// parameter's four arrays share a dtype, parameters may differ). Nothing is written unless
-/// every entry passes its checks.
+/// every entry passes its checks. With `states`, `states[i]["step"]` is set to `steps[i]`
+/// once the arrays are written, inside this call: back in Python a KeyboardInterrupt could
+/// land between the two.
 #[pyfunction]
-#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, steps, config, *, num_threads=None))]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, steps, config, *, num_threads=None, states=None))]
 #[allow(clippy::too_many_arguments)]
 fn numpy_adam_step_many<'py>(
     py: Python<'py>,
@@ -374,10 +393,16 @@ fn numpy_adam_step_many<'py>(
     grads: Vec<Bound<'py, PyAny>>,
     exp_avgs: Vec<Bound<'py, PyAny>>,
     exp_avg_sqs: Vec<Bound<'py, PyAny>>,
-    steps: Vec<i64>,
+    steps: Vec<Bound<'py, PyAny>>,
     config: Bound<'py, Config>,
     num_threads: Option<Bound<'py, PyAny>>,
+    states: Option<Vec<Bound<'py, PyDict>>>,
 ) -> PyResult<()> {
+    if states.as_ref().is_some_and(|s| s.len() != steps.len()) {
+        return Err(PyValueError::new_err(
+            "states must have one entry per parameter",
+        ));
+    }
     let num_threads = num_threads
         .as_ref()
         .map(crate::threads::count)
@@ -397,6 +422,7 @@ fn numpy_adam_step_many<'py>(
         )));
     }
     let cfg = supported(&config)?;
+    let counts = states.as_ref().map(|_| steps.clone());
     let items = params
         .into_iter()
         .zip(grads)
@@ -405,7 +431,11 @@ fn numpy_adam_step_many<'py>(
         .zip(steps)
         .map(|((((p, g), m), v), t)| ([p, g, m, v], t))
         .collect();
-    run(py, items, false, &cfg, num_threads)
+    run(py, items, false, &cfg, num_threads)?;
+    for (d, t) in states.iter().flatten().zip(counts.iter().flatten()) {
+        d.set_item(intern!(py, "step"), t)?;
+    }
+    Ok(())
 }
 
 /// Adds the numpy functions to the module.
