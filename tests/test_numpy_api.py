@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import rustadam.numpy as rnp
-from rustadam.numpy import Adam, adam_step
+from rustadam import _core
+from rustadam.numpy import Adam, _config, adam_step
 
 DECAYS = {
     "none": dict(weight_decay=0.0, weight_decouple=True, absolute=False),
@@ -472,3 +473,40 @@ def test_docstring_examples():
     result = doctest.testmod(rnp)
     assert result.attempted >= 3
     assert result.failed == 0
+
+
+def test_python_code_run_by_a_step_count_cannot_change_checked_arrays():
+    # Reading a step count may run Python (``__index__``); here it reinterprets the arrays of
+    # the first parameter as float32 (twice the elements over the same bytes). The step must
+    # use what it writes with, not what it checked before: the bytes between the arrays stay.
+    big = np.zeros(100)
+    p, m, v, g = big[0:10], big[20:30], big[40:50], big[60:70]
+    g[:] = 1.0
+    gaps = [slice(10, 20), slice(30, 40), slice(50, 60), slice(70, 80)]
+    for sl in gaps:
+        big[sl] = 7.0
+
+    class Step:
+        def __index__(self):
+            for a in (p, m, v, g):
+                a.dtype = np.float32
+            return 1
+
+    q = [np.zeros(3) for _ in range(4)]
+    cfg = _config(1e-3, (0.9, 0.999), 1e-16, 0.0)
+    _core.numpy_adam_step_many(
+        [p, q[0]], [g, q[1]], [m, q[2]], [v, q[3]], [1, Step()], cfg, num_threads=1
+    )
+    for sl in gaps:
+        assert (big[sl] == 7.0).all(), sl
+
+
+def test_adam_names_parameters_by_their_index_when_some_have_no_gradient():
+    a, b, c = np.zeros(3), np.zeros(4), np.zeros(5)
+    opt = Adam([a, b, c])
+    with pytest.raises(ValueError, match=r"^grads\[2\] has shape \(4,\) but params\[2\]"):
+        opt.step([None, None, np.zeros(4)])
+    c.flags.writeable = False
+    with pytest.raises(ValueError, match=r"^params\[2\] is read-only"):
+        opt.step([np.zeros(3), None, np.zeros(5)])
+    assert opt.state == {}

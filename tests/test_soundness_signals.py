@@ -88,3 +88,42 @@ def test_an_interrupt_after_the_core_returns_finds_the_numpy_step_whole():
     want1 = _oracle(before[1], grads[1], 0.1, 1, 0.0, 0.0)[0]
     np.testing.assert_allclose(params[0], want0, rtol=1e-12)
     np.testing.assert_allclose(params[1], want1, rtol=1e-12)
+
+
+def _interrupt_after_method(name):
+    """Raises KeyboardInterrupt as a builtin method called ``name`` returns, once."""
+
+    def hook(frame, event, arg):
+        if event == "c_return" and getattr(arg, "__name__", None) == name:
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    sys.setprofile(hook)
+
+
+@pytest.mark.parametrize("case", ["first step", "tensor step count"])
+def test_an_interrupt_after_the_general_paths_core_call_finds_the_step_whole(case):
+    # The general path (a first step, whose state is created; a step count stored as a tensor,
+    # as torch.optim.Adam stores it) runs a checked plan, then the bookkeeping.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    g = torch.randn_like(p)
+    p.grad = g.clone()
+    opt = Adam([p], lr=0.1, eps=1e-8, optimized_update=False)
+    t, m0, v0 = 1, np.zeros(5), np.zeros(5)
+    if case == "tensor step count":
+        opt.step()
+        opt.state[p]["step"] = torch.tensor(1.0)
+        m0, v0 = opt.state[p]["exp_avg"].numpy().copy(), opt.state[p]["exp_avg_sq"].numpy().copy()
+        t = 2
+    before, version = p.detach().clone(), p._version
+    _interrupt_after_method("execute")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            opt.step()
+    finally:
+        sys.setprofile(None)
+    want = _oracle(before.numpy(), g.numpy(), 0.1, t, m0, v0)[0]
+    np.testing.assert_allclose(p.detach().numpy(), want, rtol=1e-12)
+    assert p in opt.state and opt.state[p]["step"] == t
+    assert p._version > version

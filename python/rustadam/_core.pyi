@@ -97,10 +97,15 @@ class Plan:
         num_threads: int,
         pool: Optional[Literal["openmp", "rayon"]] = None,
         simd: Optional[Literal["portable", "avx2", "avx512"]] = None,
+        states: Optional[Sequence[dict[str, Any]]] = None,
+        steps: Optional[Sequence[Any]] = None,
+        written: Optional[list[torch.Tensor]] = None,
     ) -> None:
         """Runs the step with the GIL released: first every parameter that shares no memory
         with another (one kernel call per group), then the others one at a time, in order.
-        ``pool`` and ``simd`` default to ``RUSTADAM_THREAD_POOL`` and ``RUSTADAM_SIMD``."""
+        ``pool`` and ``simd`` default to ``RUSTADAM_THREAD_POOL`` and ``RUSTADAM_SIMD``. Then,
+        inside the call, sets ``states[i]["step"] = steps[i]`` and bumps the autograd version
+        of every tensor of ``written``."""
     def roofline(self, *, num_threads: int) -> None:
         """The same loads, stores, chunks and threads as ``execute`` with trivial arithmetic
         (for benchmarks: it overwrites the buffers)."""
@@ -195,12 +200,13 @@ def numpy_adam_step_many(
     *,
     num_threads: Optional[int] = None,
     states: Optional[Sequence[dict[str, Any]]] = None,
+    indices: Optional[Sequence[int]] = None,
 ) -> None:
     """One Adam step of many parameters' numpy arrays in one call.
 
     Lists of equal length; a parameter's four arrays share a dtype, parameters may differ.
     With ``states``, ``states[i]["step"]`` is set to ``steps[i]`` once the arrays are written,
-    inside the call.
+    inside the call; ``indices[i]`` is entry ``i``'s index in messages (``params[indices[i]]``).
 
     Raises:
         TypeError, ValueError: naming the argument at fault; nothing is written unless every

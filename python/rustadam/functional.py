@@ -209,12 +209,16 @@ def run_groups(
     num_threads: Optional[int] = None,
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    commit: Optional[tuple[list[dict[str, Any]], list[int]]] = None,
 ) -> list[torch.Tensor]:
     """Steps every group, all or nothing; returns the tensors the Rust core wrote in place.
 
     Order: route and check everything (the core reads and checks its buffers into one plan),
     then the core, then the Triton kernel and foreach ops. An error in the checks leaves every
-    tensor as it was.
+    tensor as it was. With ``commit`` = (state dicts, step counts), each ``state["step"]`` is
+    set and the core's tensors get their autograd version bumps once the step is written:
+    inside the core's call where it steps everything (so that no interrupt can land between
+    the writes and the counts).
     """
     if backend not in BACKENDS or backend == "torch":
         raise ValueError(f"Invalid backend: {backend!r}")
@@ -286,16 +290,27 @@ def run_groups(
                     "__torch_function__ or a mode change them?); nothing was written"
                 )
     written: list[torch.Tensor] = []
+    committed = False
     if plan is not None and len(plan):
-        try:
-            plan.execute(num_threads=threads(num_threads))
-        except _core.StepError as e:
-            raise _step_error(works, core_pos, e) from None
         # What the core writes: parameters and states (gradients are only read).
         for lists in core_in:
             for ts in (lists[1], lists[3], lists[4], lists[5], lists[6]):
                 if ts:
                     written.extend(t for t in ts if t is not None)
+        inside = commit is not None and not other
+        try:
+            if inside:
+                plan.execute(
+                    num_threads=threads(num_threads),
+                    states=commit[0],
+                    steps=commit[1],
+                    written=written,
+                )
+            else:
+                plan.execute(num_threads=threads(num_threads))
+        except _core.StepError as e:
+            raise _step_error(works, core_pos, e) from None
+        committed = inside
     for path in ("triton", "foreach"):
         for gi, w in enumerate(works):
             ks = _path_ks(other, gi, path)
@@ -319,6 +334,11 @@ def run_groups(
                 label=_labels(w, ks),
                 alone=alone.get((gi, path)),
             )
+    if commit is not None and not committed:
+        for state, t in zip(*commit):
+            state["step"] = t
+        if written:
+            torch._C._increment_version(written)
     return written
 
 

@@ -247,6 +247,7 @@ class Adam:
                 config,
                 num_threads=self.num_threads,
                 states=states,
+                indices=idx,
             )
         except BaseException:
             # A new state the call did not advance (it raised, or an interrupt came first).

@@ -471,8 +471,11 @@ class Adam(Optimizer):
             else:
                 self._step_fast(groups, configs, created, only)
         except BaseException:
+            # A state created for this step goes unless the step advanced it (an interrupt
+            # can land after the step was written).
             for p in created:
-                self.state.pop(p, None)
+                if self.state.get(p, {}).get("step", 0) == 0:
+                    self.state.pop(p, None)
             raise
 
     def _config(self, gi: int, group: dict[str, Any]) -> Any:
@@ -766,18 +769,17 @@ class Adam(Optimizer):
             states_of.append(states)
         for gi, group, i, _state, grad, param, _t in dtensor_steps:
             functional.check_entry(param_label(gi, group, i, param), (param, grad))
-        written = functional.run_groups(
+        # The step counts advance, and autograd sees the in-place writes, with the step.
+        functional.run_groups(
             works,
             backend=self.backend,
             num_threads=self.num_threads,
             grad_scale=getattr(self, "grad_scale", None),
+            commit=(
+                [s for states in states_of for s in states],
+                [t for w in works for t in w.steps],
+            ),
         )
-        for w, states in zip(works, states_of):
-            for state, t in zip(states, w.steps):
-                state["step"] = t
-        if written:
-            # Autograd must see that the step changed these tensors in place.
-            torch._C._increment_version(written)
         self._unscale([entry[4] for entry in dtensor_steps])
         self._run_per_param([(g, st, gr, p, t) for _gi, g, _i, st, gr, p, t in dtensor_steps])
 

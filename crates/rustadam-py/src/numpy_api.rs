@@ -138,12 +138,11 @@ impl<'a> Checked<'a> {
     fn new(
         items: &'a [Item<'a>],
         kinds: &[(DType, u64)],
-        single: bool,
+        positions: &[Option<usize>],
     ) -> PyResult<(Self, Vec<Span>)> {
         let mut spans = Vec::with_capacity(items.len() * 4);
         let (mut f32s, mut f64s) = (Vec::new(), Vec::new());
-        for (i, ((objs, _), &(kind, step))) in items.iter().zip(kinds).enumerate() {
-            let index = (!single).then_some(i);
+        for (((objs, _), &(kind, step)), &index) in items.iter().zip(kinds).zip(positions) {
             let arrays: Vec<&Bound<'a, PyUntypedArray>> = objs
                 .iter()
                 .map(|o| o.cast::<PyUntypedArray>())
@@ -291,14 +290,20 @@ fn check_step(step: &Bound<'_, PyAny>, index: Option<usize>) -> PyResult<u64> {
 fn run(
     py: Python<'_>,
     items: Vec<Item<'_>>,
-    single: bool,
+    positions: &[Option<usize>],
     cfg: &AdamConfig,
     num_threads: Option<usize>,
-) -> PyResult<()> {
+) -> PyResult<Vec<u64>> {
+    // The step counts first: reading one may run Python code (an `__index__`), which could
+    // change an array (its dtype, say) after it was checked.
+    let steps = items
+        .iter()
+        .zip(positions)
+        .map(|((_, step), &index)| check_step(step, index))
+        .collect::<PyResult<Vec<u64>>>()?;
+    // From here to the write no Python code runs: the arrays' checks read their C fields.
     let mut kinds = Vec::with_capacity(items.len());
-    for (i, (objs, step)) in items.iter().enumerate() {
-        let index = (!single).then_some(i);
-        let step = check_step(step, index)?;
+    for ((objs, _), (&index, &step)) in items.iter().zip(positions.iter().zip(&steps)) {
         let mut kind = None;
         for (b, o) in objs.iter().enumerate() {
             let k = check_array(o, &label(b, index), b != 1)?;
@@ -318,7 +323,7 @@ fn run(
         }
         kinds.push((kind.expect("four arrays"), step));
     }
-    let (mut checked, spans) = Checked::new(&items, &kinds, single)?;
+    let (mut checked, spans) = Checked::new(&items, &kinds, positions)?;
     // Claimed in the process-wide registry, as torch steps claim theirs: another step (numpy or
     // torch, in another thread) over the same memory is refused instead of racing this one.
     let _claim = crate::registry::borrow(
@@ -338,7 +343,8 @@ fn run(
         None,
     )?;
     py.detach(|| rustadam::step_tensors(cfg, &mut tensors, &opts))
-        .map_err(|e| PyValueError::new_err(e.to_string()))
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    Ok(steps)
 }
 
 /// One Adam step of one parameter's numpy arrays, in place.
@@ -365,7 +371,7 @@ fn numpy_adam_step<'py>(
         .map(crate::threads::count)
         .transpose()?;
     let items = vec![([param, grad, exp_avg, exp_avg_sq], step)];
-    run(py, items, true, &supported(&config)?, num_threads)
+    run(py, items, &[None], &supported(&config)?, num_threads).map(drop)
 }
 
 /// The config of a numpy call: the options that need more buffers are refused.
@@ -383,9 +389,10 @@ fn supported(config: &Bound<'_, Config>) -> PyResult<AdamConfig> {
 /// parameter's four arrays share a dtype, parameters may differ). Nothing is written unless
 /// every entry passes its checks. With `states`, `states[i]["step"]` is set to `steps[i]`
 /// once the arrays are written, inside this call: back in Python a KeyboardInterrupt could
-/// land between the two.
+/// land between the two. `indices[i]` is entry `i`'s name in messages (`params[indices[i]]`),
+/// for a caller that passes some of its parameters.
 #[pyfunction]
-#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, steps, config, *, num_threads=None, states=None))]
+#[pyo3(signature = (params, grads, exp_avgs, exp_avg_sqs, steps, config, *, num_threads=None, states=None, indices=None))]
 #[allow(clippy::too_many_arguments)]
 fn numpy_adam_step_many<'py>(
     py: Python<'py>,
@@ -397,32 +404,33 @@ fn numpy_adam_step_many<'py>(
     config: Bound<'py, Config>,
     num_threads: Option<Bound<'py, PyAny>>,
     states: Option<Vec<Bound<'py, PyDict>>>,
+    indices: Option<Vec<usize>>,
 ) -> PyResult<()> {
-    if states.as_ref().is_some_and(|s| s.len() != steps.len()) {
+    let n = params.len();
+    let lengths = [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()];
+    if lengths.iter().any(|&l| l != n) {
+        return Err(PyValueError::new_err(format!(
+            "params, grads, exp_avgs, exp_avg_sqs and steps must have one entry per parameter \
+             (got {n}, {}, {}, {} and {})",
+            lengths[0], lengths[1], lengths[2], lengths[3]
+        )));
+    }
+    if states.as_ref().is_some_and(|s| s.len() != n)
+        || indices.as_ref().is_some_and(|s| s.len() != n)
+    {
         return Err(PyValueError::new_err(
-            "states must have one entry per parameter",
+            "states and indices must have one entry per parameter",
         ));
     }
     let num_threads = num_threads
         .as_ref()
         .map(crate::threads::count)
         .transpose()?;
-    let n = params.len();
-    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()]
-        .iter()
-        .any(|&l| l != n)
-    {
-        return Err(PyValueError::new_err(format!(
-            "params, grads, exp_avgs, exp_avg_sqs and steps must have one entry per parameter \
-             (got {n}, {}, {}, {} and {})",
-            grads.len(),
-            exp_avgs.len(),
-            exp_avg_sqs.len(),
-            steps.len()
-        )));
-    }
     let cfg = supported(&config)?;
-    let counts = states.as_ref().map(|_| steps.clone());
+    let positions: Vec<Option<usize>> = match &indices {
+        Some(ix) => ix.iter().map(|&i| Some(i)).collect(),
+        None => (0..n).map(Some).collect(),
+    };
     let items = params
         .into_iter()
         .zip(grads)
@@ -431,8 +439,8 @@ fn numpy_adam_step_many<'py>(
         .zip(steps)
         .map(|((((p, g), m), v), t)| ([p, g, m, v], t))
         .collect();
-    run(py, items, false, &cfg, num_threads)?;
-    for (d, t) in states.iter().flatten().zip(counts.iter().flatten()) {
+    let counts = run(py, items, &positions, &cfg, num_threads)?;
+    for (d, t) in states.iter().flatten().zip(counts) {
         d.set_item(intern!(py, "step"), t)?;
     }
     Ok(())

@@ -12,7 +12,7 @@
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::types::{PyDict, PyList};
 use rustadam::layout::{self, Span};
 use rustadam::{bf16, f16, AdamConfig, AnyTensor, Element, ExecOptions, Rounding, TensorRefs};
 use smallvec::SmallVec;
@@ -832,18 +832,39 @@ impl Plan {
     }
 
     /// Runs the checked step (once). `num_threads` threads; `pool` and `simd` default to the
-    /// environment (see `threads::options`).
-    #[pyo3(signature = (*, num_threads, pool=None, simd=None))]
+    /// environment (see `threads::options`). Then, inside this call (back in Python a
+    /// KeyboardInterrupt could land between the writes and the bookkeeping), sets each
+    /// `states[i]["step"]` to `steps[i]` and bumps the version counter of every tensor of
+    /// `written`.
+    #[pyo3(signature = (*, num_threads, pool=None, simd=None, states=None, steps=None, written=None))]
+    #[allow(clippy::too_many_arguments)]
     fn execute(
         &mut self,
         py: Python<'_>,
         num_threads: Bound<'_, PyAny>,
         pool: Option<&str>,
         simd: Option<&str>,
+        states: Option<Vec<Bound<'_, PyDict>>>,
+        steps: Option<Vec<Bound<'_, PyAny>>>,
+        written: Option<Bound<'_, PyList>>,
     ) -> PyResult<()> {
+        let (states, steps) = (states.unwrap_or_default(), steps.unwrap_or_default());
+        if states.len() != steps.len() {
+            return Err(PyValueError::new_err(
+                "states and steps must have one entry each",
+            ));
+        }
         let opts = threads::options(threads::count(&num_threads)?, pool, simd)?;
         self.check_in_place(py)?;
-        self.run(py, opts, false)
+        self.run(py, opts, false)?;
+        let key = pyo3::intern!(py, "step");
+        for (d, t) in states.iter().zip(&steps) {
+            d.set_item(key, t)?;
+        }
+        match written {
+            Some(w) if !w.is_empty() => tensor::torch(py)?.increment_version(&w),
+            _ => Ok(()),
+        }
     }
 
     /// The machine's limit for `execute` on the same buffers: the same loads, stores, chunks
