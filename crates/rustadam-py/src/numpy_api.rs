@@ -74,8 +74,14 @@ fn check_array(obj: &Bound<'_, PyAny>, name: &str, written: bool) -> PyResult<DT
     } else if dt.is_equiv_to(&dtype::<f64>(py)) {
         DType::F64
     } else {
+        // A float in the other byte order is refused too (the core reads native numbers).
+        let order = if dt.kind() == b'f' && dt.is_native_byteorder() == Some(false) {
+            " (not in the machine's byte order: pass it through .astype(its native dtype))"
+        } else {
+            ""
+        };
         return Err(PyTypeError::new_err(format!(
-            "{name} has dtype {dt}; rustadam.numpy takes float32 and float64 arrays"
+            "{name} has dtype {dt}{order}; rustadam.numpy takes float32 and float64 arrays"
         )));
     };
     if !arr.is_c_contiguous() {
