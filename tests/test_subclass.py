@@ -349,31 +349,3 @@ def test_subclass_defaults_extended() -> None:
     for key, value in expected.items():
         assert opt.defaults[key] == value
         assert opt.param_groups[0][key] == value
-
-
-class _NoInPlaceForeach(torch.Tensor):
-    """A subclass whose in-place foreach ops raise (as a subclass without them would)."""
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name.startswith("_foreach") and name.endswith("_"):
-            raise NotImplementedError(f"{cls.__name__} does not support {name}")
-        return super().__torch_function__(func, types, args, kwargs or {})
-
-
-def test_a_subclass_whose_ops_raise_leaves_the_cores_parameters_unchanged():
-    # The plain parameter goes to the Rust core, the subclass to foreach ops, which raise: the
-    # core must not have written the plain one (nor kept a state for it) by then.
-    torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(4))
-    b = torch.nn.Parameter(torch.randn(4).as_subclass(_NoInPlaceForeach))
-    opt = Adam([a, b], lr=0.1)
-    a.grad = torch.randn(4)
-    b.grad = torch.randn(4).as_subclass(_NoInPlaceForeach)
-    a0, b0 = a.detach().clone(), torch.Tensor(b.detach()).clone()
-    with pytest.raises(NotImplementedError, match="does not support _foreach"):
-        opt.step()
-    assert torch.equal(a.detach(), a0)
-    assert torch.equal(torch.Tensor(b.detach()), b0)
-    assert a not in opt.state and b not in opt.state

@@ -214,11 +214,11 @@ def run_groups(
     """Steps every group, all or nothing; returns the tensors the Rust core wrote in place.
 
     Order: route and check everything (the core reads and checks its buffers into one plan),
-    then the Triton kernel and foreach ops (whose torch calls may run a subclass's Python code,
-    which may raise), then the core, its plan read again first where Python code ran. An error
-    in the checks leaves every tensor as it was. With ``commit`` = (state dicts, step counts),
-    each ``state["step"]`` is set and the core's tensors get their autograd version bumps once
-    the step is written, inside the core's call (so that no interrupt lands between them).
+    then the core, then the Triton kernel and foreach ops. An error in the checks leaves every
+    tensor as it was. With ``commit`` = (state dicts, step counts), each ``state["step"]`` is
+    set and the core's tensors get their autograd version bumps once the step is written:
+    inside the core's call where it steps everything (so that no interrupt can land between
+    the writes and the counts).
     """
     if backend not in BACKENDS or backend == "torch":
         raise ValueError(f"Invalid backend: {backend!r}")
@@ -255,8 +255,6 @@ def run_groups(
         _refuse_shared_with_core(works, core, [(gi, k) for gi, k, _ in other])
     plan = None
     alone: dict[tuple[int, str], Any] = {}
-    deferred: list[tuple[int, int]] = []
-    unscale = False
     if not any(core_pos):
         alone = _check_paths(works, other)
     else:
@@ -280,50 +278,39 @@ def run_groups(
                 if grads:
                     with _foreach.writable(grads):
                         torch._foreach_div_(grads, grad_scale.to(grads[0].device))
-    # The Triton kernel and foreach ops first: their torch calls may run a subclass's Python
-    # code, which may raise; then nothing the core steps has been written yet.
-    _run_paths(works, other, alone, grad_scale, found_inf)
-    if plan is not None and (deferred or unscale or other):
-        # Python code ran since the plan read the buffers (torch calls that a mode or a
-        # subclass may answer): read and check them again, so that nothing runs between
-        # the checks the core relies on and its writes.
-        plan = _plan(works, core_in, core_pos, backend)
-        again = [(gi, core_pos[gi][k]) for gi, k, _ in plan.deferred]
-        if again != deferred:
-            done = "the parameters stepped with torch ops were, " if other else "nothing was"
-            raise RuntimeError(
-                "the parameters changed while rustadam.Adam checked them (did a "
-                f"__torch_function__ or a mode change them?); {done} written"
-                + (" and those of the Rust core were not" if other else "")
-            )
+        if deferred or unscale or other:
+            # Python code ran since the plan read the buffers (torch calls that a mode or a
+            # subclass may answer): read and check them again, so that nothing runs between
+            # the checks the core relies on and its writes.
+            plan = _plan(works, core_in, core_pos, backend)
+            again = [(gi, core_pos[gi][k]) for gi, k, _ in plan.deferred]
+            if again != deferred:
+                raise RuntimeError(
+                    "the parameters changed while rustadam.Adam checked them (did a "
+                    "__torch_function__ or a mode change them?); nothing was written"
+                )
     written: list[torch.Tensor] = []
+    committed = False
     if plan is not None and len(plan):
         # What the core writes: parameters and states (gradients are only read).
         for lists in core_in:
             for ts in (lists[1], lists[3], lists[4], lists[5], lists[6]):
                 if ts:
                     written.extend(t for t in ts if t is not None)
-        bookkeeping = {}
-        if commit is not None:
-            bookkeeping = {"states": commit[0], "steps": commit[1], "written": written}
+        inside = commit is not None and not other
         try:
-            plan.execute(num_threads=threads(num_threads), **bookkeeping)
+            if inside:
+                plan.execute(
+                    num_threads=threads(num_threads),
+                    states=commit[0],
+                    steps=commit[1],
+                    written=written,
+                )
+            else:
+                plan.execute(num_threads=threads(num_threads))
         except _core.StepError as e:
             raise _step_error(works, core_pos, e) from None
-    elif commit is not None:
-        for state, t in zip(*commit):
-            state["step"] = t
-    return written
-
-
-def _run_paths(
-    works: list[GroupWork],
-    other: list[tuple[int, int, str]],
-    alone: dict[tuple[int, str], Any],
-    grad_scale: Optional[torch.Tensor],
-    found_inf: Optional[torch.Tensor],
-) -> None:
-    """Steps the parameters routed to the Triton kernel and to foreach ops, group by group."""
+        committed = inside
     for path in ("triton", "foreach"):
         for gi, w in enumerate(works):
             ks = _path_ks(other, gi, path)
@@ -347,6 +334,12 @@ def _run_paths(
                 label=_labels(w, ks),
                 alone=alone.get((gi, path)),
             )
+    if commit is not None and not committed:
+        for state, t in zip(*commit):
+            state["step"] = t
+        if written:
+            torch._C._increment_version(written)
+    return written
 
 
 def _labels(w: GroupWork, ks: list[int]) -> Callable[[int], str]:
