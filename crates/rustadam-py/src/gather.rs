@@ -302,14 +302,6 @@ pub(crate) fn step_plain<'py>(
         Err(e) => return Err(e),
     };
     plan.run(py, threads::options(num_threads, None, None)?, false)?;
-    // The step counts and the version bumps follow the write inside this call: back in Python
-    // a KeyboardInterrupt could land between them.
-    let key = intern!(py, "step");
-    for (d, t) in dicts {
-        d.set_item(key, t)?;
-    }
-    if !written.is_empty() {
-        th.increment_version(&written)?;
-    }
+    plan::commit(py, dicts, Some(&written))?;
     Ok(Some(written))
 }

@@ -12,7 +12,6 @@ use crate::config::Config;
 use numpy::prelude::*;
 use numpy::{dtype, npyffi, PyUntypedArray};
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
-use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict};
 use rustadam::{layout, AdamConfig, AnyTensor, Element, ExecOptions, TensorRefs};
@@ -446,10 +445,7 @@ fn numpy_adam_step_many<'py>(
         .map(|((((p, g), m), v), t)| ([p, g, m, v], t))
         .collect();
     let counts = run(py, items, &positions, &cfg, num_threads)?;
-    for (d, t) in states.iter().flatten().zip(counts) {
-        d.set_item(intern!(py, "step"), t)?;
-    }
-    Ok(())
+    crate::plan::commit(py, states.into_iter().flatten().zip(counts), None)
 }
 
 /// Adds the numpy functions to the module.

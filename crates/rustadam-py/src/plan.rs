@@ -419,6 +419,24 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
     })
 }
 
+/// Records a step just written, inside the call that wrote it (back in Python a
+/// KeyboardInterrupt could land between the two): each state's `"step"` set to its count, then
+/// the version counter of every tensor of `written` bumped (torch is looked up only for that).
+pub(crate) fn commit<'py, T: IntoPyObject<'py>>(
+    py: Python<'py>,
+    counts: impl IntoIterator<Item = (Bound<'py, PyDict>, T)>,
+    written: Option<&Bound<'py, PyList>>,
+) -> PyResult<()> {
+    let key = pyo3::intern!(py, "step");
+    for (state, t) in counts {
+        state.set_item(key, t)?;
+    }
+    match written {
+        Some(w) if !w.is_empty() => tensor::torch(py)?.increment_version(w),
+        _ => Ok(()),
+    }
+}
+
 /// Holds the storage of every buffer the core will touch and checks each view against its
 /// storage's memory, in one pass in which no Python code can run: nothing here releases the
 /// GIL (the reads before, `is_neg()`, did), and the collector, which could run finalizers in
@@ -857,14 +875,7 @@ impl Plan {
         let opts = threads::options(threads::count(&num_threads)?, pool, simd)?;
         self.check_in_place(py)?;
         self.run(py, opts, false)?;
-        let key = pyo3::intern!(py, "step");
-        for (d, t) in states.iter().zip(&steps) {
-            d.set_item(key, t)?;
-        }
-        match written {
-            Some(w) if !w.is_empty() => tensor::torch(py)?.increment_version(&w),
-            _ => Ok(()),
-        }
+        commit(py, states.into_iter().zip(steps), written.as_ref())
     }
 
     /// The machine's limit for `execute` on the same buffers: the same loads, stores, chunks
