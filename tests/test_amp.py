@@ -135,3 +135,88 @@ def test_a_skipped_first_step_creates_no_state() -> None:
     assert len(opt.state) == 0
     for p, q in zip(model.parameters(), initial.parameters()):
         assert torch.equal(p, q)
+
+
+# GradScaler's fused protocol without GradScaler: the attributes it sets on the optimizer.
+def _scaled(opt: Adam, scale: float) -> None:
+    opt.grad_scale = torch.tensor(scale)
+    opt.found_inf = torch.tensor(0.0)
+
+
+@pytest.mark.parametrize("scale", [2.0**10, 3.0], ids=["pow2", "three"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64]
+)
+@pytest.mark.parametrize("layout", ["dense", "transposed"])
+def test_grad_scale_divides_gradients_in_place_as_div_does(
+    scale: float, dtype: torch.dtype, layout: str
+) -> None:
+    """With ``grad_scale`` the core divides every gradient in place, rounded as torch's own
+    ``grad.div_(scale)`` (whose result torch's fused Adam also leaves in ``.grad``), and steps
+    with it: the same parameters as a step on the divided gradients, bumped grad versions."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 7), (4,)]
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(dtype) * scale for s in shapes]
+    if layout == "transposed":
+        grads[0] = grads[0].t().contiguous().t()  # a non-dense-in-order gradient
+    expected_grads = [g.div(torch.tensor(scale)) for g in grads]
+
+    ps = [nn.Parameter(p.clone()) for p in params]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    versions = [p.grad._version for p in ps]
+    opt = Adam(ps, lr=1e-2, backend="rust")
+    _scaled(opt, scale)
+    opt.step()
+
+    ref = [nn.Parameter(p.clone()) for p in params]
+    for q, g in zip(ref, expected_grads):
+        q.grad = g.clone()
+    Adam(ref, lr=1e-2, backend="rust").step()
+    for p, q, g, v in zip(ps, ref, expected_grads, versions):
+        assert torch.equal(p.grad, g)
+        assert torch.equal(p.detach(), q.detach())
+        assert p.grad._version > v
+
+
+def test_a_refused_step_leaves_the_gradients_scaled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step refused after the checks (here: a bad RUSTADAM_SIMD, read as the core runs)
+    divides nothing, so that trying again divides once, not twice."""
+    gen = torch.Generator().manual_seed(4)
+    params = [nn.Parameter(torch.randn(6, generator=gen)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn(6, generator=gen) * 8
+    ref = [nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, ref):
+        q.grad = p.grad / 8
+    before = [(p.detach().clone(), p.grad.clone()) for p in params]
+    opt = Adam(params, lr=1e-2)
+    _scaled(opt, 8.0)
+    monkeypatch.setenv("RUSTADAM_SIMD", "bogus")
+    with pytest.raises(ValueError, match="RUSTADAM_SIMD"):
+        opt.step()
+    for p, (value, grad) in zip(params, before):
+        assert torch.equal(p.detach(), value) and torch.equal(p.grad, grad)
+    assert len(opt.state) == 0
+    monkeypatch.delenv("RUSTADAM_SIMD")
+    opt.step()
+    Adam(ref, lr=1e-2).step()
+    for p, q in zip(params, ref):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_an_expanded_gradient_cannot_be_unscaled_in_place() -> None:
+    """A gradient whose elements share memory cannot be divided in place (``div_`` refuses it
+    too): the step names the parameter and changes nothing."""
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    a.grad, b.grad = torch.randn(3), torch.tensor([2.0]).expand(4)
+    snap = [a.detach().clone(), b.detach().clone(), a.grad.clone()]
+    opt = Adam([{"params": [a]}, {"params": [b]}], lr=1e-2)
+    _scaled(opt, 4.0)
+    with pytest.raises(RuntimeError, match=r"param_groups\[1\]\['params'\]\[0\].*expanded"):
+        opt.step()
+    assert torch.equal(a.detach(), snap[0]) and torch.equal(b.detach(), snap[1])
+    assert torch.equal(a.grad, snap[2]) and torch.equal(b.grad, torch.full((4,), 2.0))
+    assert len(opt.state) == 0

@@ -100,12 +100,15 @@ class Plan:
         states: Optional[Sequence[dict[str, Any]]] = None,
         steps: Optional[Sequence[Any]] = None,
         written: Optional[list[torch.Tensor]] = None,
+        grad_scale: Optional[float] = None,
     ) -> None:
         """Runs the step with the GIL released: first every parameter that shares no memory
         with another (one kernel call per group), then the others one at a time, in order.
-        ``pool`` and ``simd`` default to ``RUSTADAM_THREAD_POOL`` and ``RUSTADAM_SIMD``. Then,
-        inside the call, sets ``states[i]["step"] = steps[i]`` and bumps the autograd version
-        of every tensor of ``written``."""
+        ``pool`` and ``simd`` default to ``RUSTADAM_THREAD_POOL`` and ``RUSTADAM_SIMD``. With
+        ``grad_scale`` every gradient is first divided by it in place, rounded as
+        ``grad.div_(grad_scale)`` rounds (a gradient whose elements share memory is refused
+        before anything is written). Then, inside the call, sets ``states[i]["step"] =
+        steps[i]`` and bumps the autograd version of every tensor of ``written``."""
     def roofline(self, *, num_threads: int) -> None:
         """The same loads, stores, chunks and threads as ``execute`` with trivial arithmetic
         (for benchmarks: it overwrites the buffers)."""

@@ -269,16 +269,9 @@ def run_groups(
             core = [(gi, k) for gi, pos in enumerate(core_pos) for k in pos if (gi, k) not in taken]
             _refuse_shared_with_core(works, core, deferred)
         alone = _check_paths(works, other)
-        unscale = grad_scale is not None and len(plan)
-        if unscale:
-            if found_inf is not None and bool(found_inf.item()):
-                return []
-            for gi, pos in enumerate(core_pos):
-                grads = [works[gi].grads[k] for k in pos]
-                if grads:
-                    with _foreach.writable(grads):
-                        torch._foreach_div_(grads, grad_scale.to(grads[0].device))
-        if deferred or unscale or other:
+        if grad_scale is not None and found_inf is not None and bool(found_inf.item()):
+            return []
+        if deferred or other:
             # Python code ran since the plan read the buffers (torch calls that a mode or a
             # subclass may answer): read and check them again, so that nothing runs between
             # the checks the core relies on and its writes.
@@ -290,27 +283,34 @@ def run_groups(
                     "__torch_function__ or a mode change them?); nothing was written"
                 )
     written: list[torch.Tensor] = []
-    committed = False
+    inside = False
     if plan is not None and len(plan):
-        # What the core writes: parameters and states (gradients are only read).
+        # What the core writes: parameters and states, and with GradScaler's scale the
+        # gradients, which it divides in place (as torch's fused Adam leaves them) inside its
+        # call, so that a refused step leaves them scaled.
         for lists in core_in:
             for ts in (lists[1], lists[3], lists[4], lists[5], lists[6]):
                 if ts:
                     written.extend(t for t in ts if t is not None)
+        options: dict[str, Any] = {"num_threads": threads(num_threads)}
+        if grad_scale is not None:
+            options["grad_scale"] = float(grad_scale)
+            taken = {(gi, k) for gi, k in deferred}
+            written.extend(
+                works[gi].grads[k]
+                for gi, pos in enumerate(core_pos)
+                for k in pos
+                if (gi, k) not in taken
+            )
+        # Where the core steps everything, the step counts and version bumps are recorded
+        # inside its call (no interrupt can land between the writes and them).
         inside = commit is not None and not other
+        if inside:
+            options.update(states=commit[0], steps=commit[1], written=written)
         try:
-            if inside:
-                plan.execute(
-                    num_threads=threads(num_threads),
-                    states=commit[0],
-                    steps=commit[1],
-                    written=written,
-                )
-            else:
-                plan.execute(num_threads=threads(num_threads))
+            plan.execute(**options)
         except _core.StepError as e:
             raise _step_error(works, core_pos, e) from None
-        committed = inside
     for path in ("triton", "foreach"):
         for gi, w in enumerate(works):
             ks = _path_ks(other, gi, path)
@@ -334,7 +334,7 @@ def run_groups(
                 label=_labels(w, ks),
                 alone=alone.get((gi, path)),
             )
-    if commit is not None and not committed:
+    if commit is not None and not inside:
         for state, t in zip(*commit):
             state["step"] = t
         if written:

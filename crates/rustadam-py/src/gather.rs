@@ -301,7 +301,7 @@ pub(crate) fn step_plain<'py>(
         }
         Err(e) => return Err(e),
     };
-    plan.run(py, threads::options(num_threads, None, None)?, false)?;
+    plan.run(py, threads::options(num_threads, None, None)?, false, None)?;
     plan::commit(py, dicts, Some(&written))?;
     Ok(Some(written))
 }

@@ -78,7 +78,7 @@ fn adam_step<'py>(
     let groups = PyList::new(py, [group])?;
     let mut plan = plan::plan(py, groups, true)?;
     let opts = threads::options(num_threads, pool, simd)?;
-    plan.run(py, opts, false)
+    plan.run(py, opts, false, None)
 }
 
 /// The SIMD levels this CPU runs, from the slowest; the last is the one used by default.

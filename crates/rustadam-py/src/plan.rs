@@ -144,6 +144,8 @@ pub(crate) struct Plan {
     deferred: Vec<(usize, usize, String)>,
     /// Every byte range the items touch, for the registry of running steps (taken by `run`).
     spans: Vec<Span>,
+    /// Where the gradients' spans are in `spans` (read, unless `run` unscales them).
+    grad_spans: std::ops::Range<usize>,
     done: bool,
 }
 
@@ -397,7 +399,7 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
         configs.push(cfg);
     }
     hold_storages(py, th, &groups, &mut items)?;
-    let spans = mark_shared(&mut items);
+    let (spans, grad_spans) = mark_shared(&mut items);
     // A parameter listed twice shares all its memory with itself: only such items can be one.
     let mut seen = std::collections::HashSet::new();
     for it in items.iter().filter(|it| it.sequential) {
@@ -415,6 +417,7 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
         items,
         deferred,
         spans,
+        grad_spans,
         done: false,
     })
 }
@@ -478,18 +481,26 @@ fn hold_storages(
 }
 
 /// Parameters whose buffers share memory with another parameter's (where one writes) are
-/// stepped alone, in order, as a loop over the parameters would. Returns every span.
-fn mark_shared(items: &mut [Item]) -> Vec<Span> {
+/// stepped alone, in order, as a loop over the parameters would. Returns every span, and where
+/// the gradients' are among them.
+fn mark_shared(items: &mut [Item]) -> (Vec<Span>, std::ops::Range<usize>) {
     let mut spans = Vec::with_capacity(items.len() * 4);
     let mut owner = Vec::with_capacity(items.len() * 4);
+    let mut grad_spans = 0..0;
     // Role by role: the parameters (or gradients, or moments) were usually allocated one
     // after another, so each role's spans come in address order, which the sort exploits.
     for &r in &Role::ALL {
+        if r == Role::Grad {
+            grad_spans.start = spans.len();
+        }
         for (k, item) in items.iter().enumerate() {
             if let Some(b) = item.buf(r) {
                 spans.push(span(r, b));
                 owner.push(k);
             }
+        }
+        if r == Role::Grad {
+            grad_spans.end = spans.len();
         }
     }
     for (a, b) in layout::conflicts(&spans) {
@@ -498,7 +509,50 @@ fn mark_shared(items: &mut [Item]) -> Vec<Span> {
             items[owner[b]].sequential = true;
         }
     }
-    spans
+    (spans, grad_spans)
+}
+
+/// Divides a gradient by `scale` in place, each element rounded as torch's `grad.div_(scale)`
+/// rounds it: in the type's arithmetic (float32 for 16-bit types), a complex element times the
+/// reciprocal of the scale, as torch divides a complex number by a real one.
+///
+/// # Safety
+/// `m` comes from a [`Plan`] with elements of type `E`, no two of its elements share memory,
+/// and no other thread reads or writes it during the call.
+unsafe fn divide<E: Element>(m: &Meta, scale: f64) {
+    let s = <E::Compute as rustadam::Real>::from_f64(scale);
+    let one = <E::Compute as rustadam::Real>::from_f64(1.0);
+    let recip = one / s;
+    let complex = m.complex;
+    let at = |e: *mut E| {
+        // SAFETY: `e` is an element of the view (the function's contract).
+        unsafe {
+            let x = e.read().load();
+            e.write(E::store(if complex { x * recip } else { x / s }));
+        }
+    };
+    let base = m.ptr as *mut E;
+    if m.is_dense() {
+        if let Some((lo, hi)) = m.range {
+            // SAFETY: a dense view's elements are the slots `lo..=hi` from `ptr`.
+            (lo..=hi).for_each(|i| at(unsafe { base.offset(i) }));
+        }
+        return;
+    }
+    let order = layout::memory_order(&m.shape, &m.strides);
+    layout::slabs(
+        &m.shape,
+        &m.strides,
+        &order,
+        |off, (rows, rs), (cols, cs)| {
+            for r in 0..rows as isize {
+                for c in 0..cols as isize {
+                    // SAFETY: the slab lies inside the view.
+                    at(unsafe { base.offset(off + r * rs + c * cs) });
+                }
+            }
+        },
+    );
 }
 
 /// Copies a `rows × cols` block between two strided layouts (strides as (row, column)); in
@@ -803,12 +857,20 @@ impl Plan {
         py: Python<'_>,
         opts: ExecOptions,
         roofline: bool,
+        unscale: Option<f64>,
     ) -> PyResult<()> {
         if self.done {
             return Err(PyRuntimeError::new_err("this plan has already run"));
         }
         self.done = true;
-        let _borrow = registry::borrow(std::mem::take(&mut self.spans))?;
+        let mut spans = std::mem::take(&mut self.spans);
+        if unscale.is_some() {
+            self.check_unscale()?;
+            spans[self.grad_spans.clone()]
+                .iter_mut()
+                .for_each(|s| s.written = true);
+        }
+        let _borrow = registry::borrow(spans)?;
         let (configs, items) = (&self.configs, &self.items);
         // Several kernel calls make one step: what a later one needs is got before the first
         // writes (each call alone is all or nothing).
@@ -824,6 +886,21 @@ impl Plan {
                 .map_err(|e| PyRuntimeError::new_err(format!("{e}; nothing was written")))?;
         }
         py.detach(|| -> Result<(), String> {
+            if let Some(scale) = unscale {
+                for g in items.iter().filter_map(|it| it.buf(Role::Grad)) {
+                    // SAFETY: a checked gradient (`check_unscale`: no element shares memory
+                    // with another), claimed as written in the registry, divided before any
+                    // kernel reads it.
+                    unsafe {
+                        match g.dtype {
+                            DType::F32 => divide::<f32>(g, scale),
+                            DType::F64 => divide::<f64>(g, scale),
+                            DType::BF16 => divide::<bf16>(g, scale),
+                            DType::F16 => divide::<f16>(g, scale),
+                        }
+                    }
+                }
+            }
             for (gi, cfg) in configs.iter().enumerate() {
                 let batch: Vec<&Item> = items
                     .iter()
@@ -850,11 +927,16 @@ impl Plan {
     }
 
     /// Runs the checked step (once). `num_threads` threads; `pool` and `simd` default to the
-    /// environment (see `threads::options`). Then, inside this call (back in Python a
-    /// KeyboardInterrupt could land between the writes and the bookkeeping), sets each
-    /// `states[i]["step"]` to `steps[i]` and bumps the version counter of every tensor of
-    /// `written`.
-    #[pyo3(signature = (*, num_threads, pool=None, simd=None, states=None, steps=None, written=None))]
+    /// environment (see `threads::options`). With `grad_scale`, every gradient is first divided
+    /// by it in place (GradScaler's protocol for fused optimizers), in the same call as the
+    /// step, so that a step refused here leaves them as they were. The version counter of
+    /// every tensor of `written` is bumped, and each `states[i]["step"]` set to `steps[i]`,
+    /// inside this call too (back in Python a KeyboardInterrupt could land between the writes
+    /// and the bookkeeping).
+    #[pyo3(signature = (
+        *, num_threads, pool=None, simd=None, states=None, steps=None, written=None,
+        grad_scale=None
+    ))]
     #[allow(clippy::too_many_arguments)]
     fn execute(
         &mut self,
@@ -865,6 +947,7 @@ impl Plan {
         states: Option<Vec<Bound<'_, PyDict>>>,
         steps: Option<Vec<Bound<'_, PyAny>>>,
         written: Option<Bound<'_, PyList>>,
+        grad_scale: Option<f64>,
     ) -> PyResult<()> {
         let (states, steps) = (states.unwrap_or_default(), steps.unwrap_or_default());
         if states.len() != steps.len() {
@@ -874,7 +957,7 @@ impl Plan {
         }
         let opts = threads::options(threads::count(&num_threads)?, pool, simd)?;
         self.check_in_place(py)?;
-        self.run(py, opts, false)?;
+        self.run(py, opts, false, grad_scale)?;
         commit(py, states.into_iter().zip(steps), written.as_ref())
     }
 
@@ -884,11 +967,32 @@ impl Plan {
     fn roofline(&mut self, py: Python<'_>, num_threads: Bound<'_, PyAny>) -> PyResult<()> {
         let opts = threads::options(threads::count(&num_threads)?, None, None)?;
         self.check_in_place(py)?;
-        self.run(py, opts, true)
+        self.run(py, opts, true, None)
     }
 }
 
 impl Plan {
+    /// What dividing the gradients in place needs, checked before anything is written: no
+    /// gradient with elements that share memory (an expanded view), which `div_` refuses too.
+    fn check_unscale(&self) -> PyResult<()> {
+        for it in &self.items {
+            let Some(g) = it.buf(Role::Grad) else {
+                continue;
+            };
+            if g.numel > 1 && !g.is_dense() && !layout::is_non_overlapping(&g.shape, &g.strides) {
+                return Err(refused(
+                    it.group,
+                    it.index,
+                    "fatal",
+                    "its grad has elements that share memory (an expanded view?): GradScaler's \
+                     scale cannot divide it in place; nothing was written"
+                        .into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Python code may have run since the plan was built (it is a Python object): every held
     /// storage must still have the memory its buffer was checked in, or nothing is written.
     fn check_in_place(&self, py: Python<'_>) -> PyResult<()> {
