@@ -8,6 +8,7 @@ loss), ``zero_grad()`` is harmless, and the results are bit for bit those of the
 """
 
 import copy
+import gc
 import inspect
 import io
 
@@ -316,3 +317,58 @@ def test_step_hooks_run_at_step_after_backward_updated_the_parameters():
     assert seen == []  # backward stepped the parameters without calling step()
     opt.step()
     assert seen == [("pre", True), ("post", True)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_parameter_the_hooks_missed_is_stepped_at_step(backend):
+    """A parameter appended to a group's list (as torch.optim allows) and one given
+    requires_grad after construction have no hook at their first backward: ``step()`` steps
+    them, as the usual loop would, and hooks them for the next."""
+    dtype = torch.float32
+    usual_model, release_model = _net(dtype), _net(dtype)
+    for m in (usual_model, release_model):
+        m.frozen.requires_grad_(False)
+    usual = _opt(usual_model, False, backend=backend)
+    release = _opt(release_model, True, backend=backend)
+    for step in range(STEPS):
+        if step == 1:
+            for m, o in ((usual_model, usual), (release_model, release)):
+                o.param_groups[0]["params"].append(m.frozen.weight)  # was in group 2 too
+                o.param_groups[2]["params"].remove(m.frozen.weight)
+                m.frozen.requires_grad_(True)
+        _usual_step(usual_model, usual, step, dtype)
+        _loss(release_model, step, dtype).backward()
+        release.step()
+        _assert_same(usual_model, usual, release_model, release)
+        for p in release_model.parameters():
+            assert p.grad is None
+    assert release.state[release_model.frozen.weight]["step"] == STEPS - 1
+
+
+def test_a_new_parameter_with_a_freed_ones_id_is_hooked():
+    """Hooks are known by the parameter itself, not its id(): a parameter that gets the id of
+    one removed and freed is hooked (and stepped in backward) all the same."""
+    keep = nn.Parameter(torch.ones(3))
+    opt = Adam([keep], lr=0.1, gradient_release=True)
+    old = nn.Parameter(torch.ones(3))
+    opt.add_param_group({"params": [old]})
+    old_id = id(old)
+    opt.param_groups.pop()
+    del old
+    gc.collect()  # the hook's bound method makes a cycle through the optimizer
+    spare = []
+    for _ in range(20000):
+        new = nn.Parameter(torch.ones(3))
+        if id(new) == old_id:
+            break
+        spare.append(new)
+    else:
+        pytest.skip("Python gave no new parameter the freed one's id")
+    opt.add_param_group({"params": [new]})
+    ref = nn.Parameter(torch.ones(3))
+    ref_opt = Adam([ref], lr=0.1)
+    (new.sum() + keep.sum()).backward()
+    ref.sum().backward()
+    ref_opt.step()
+    assert new.grad is None
+    assert torch.equal(new.detach(), ref.detach())

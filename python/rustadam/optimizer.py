@@ -8,6 +8,7 @@ import numbers
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
@@ -145,7 +146,8 @@ class Adam(Optimizer):
         seed: the stochastic rounding's seed (an int in [0, 2**64)).
         gradient_release: step each parameter inside ``backward()`` as soon as its gradient is
             accumulated, then free that gradient (the peak memory falls by about the gradients'
-            size). ``step(closure)`` then only runs the closure; ``zero_grad()`` is harmless;
+            size). ``step(closure)`` then runs the closure and steps only a parameter that
+            still has a gradient (one the hooks did not reach); ``zero_grad()`` is harmless;
             schedulers, state dicts and ``add_param_group`` keep working. It does not combine
             with accumulating gradients over several backward passes, clipping by the global norm
             (each parameter steps before the others' gradients exist), DDP's gradient reducer
@@ -383,7 +385,17 @@ class Adam(Optimizer):
                     "backward, before GradScaler can unscale or skip: it does not combine "
                     "with torch.amp.GradScaler"
                 )
-            return loss  # the backward pass stepped every parameter
+            # The backward pass stepped every hooked parameter and freed its gradient. One
+            # with a gradient now was not stepped (appended to a group's list, given
+            # requires_grad or a gradient by hand since the hooks were placed): it is stepped
+            # here, as torch.optim.Adam would, and hooked for the next backward.
+            self._hook_params()
+            pending = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if pending:
+                self._locked(self._step_all)
+                for p in pending:
+                    p.grad = None
+            return loss
         if torch.compiler.is_compiling():
             _rustadam_step_runs_eagerly(self._locked, self._step_all)
         else:
@@ -420,8 +432,11 @@ class Adam(Optimizer):
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 where[id(p)] = (gi, i)
-                if id(p) not in handles and p.requires_grad:
-                    handles[id(p)] = p.register_post_accumulate_grad_hook(self._release)
+                held = handles.get(id(p))
+                # By identity: a parameter freed since may have left its id to this one.
+                if (held is None or held[0]() is not p) and p.requires_grad:
+                    hook = p.register_post_accumulate_grad_hook(self._release)
+                    handles[id(p)] = (weakref.ref(p), hook)
 
     def _release(self, param: torch.Tensor) -> None:
         """Steps ``param`` with its fresh gradient, then frees the gradient."""
