@@ -296,8 +296,11 @@ BAD = {
     "no step": (_del_state("step"), r"has no \['step'\]"),
     "shape": (_set_state("exp_avg_sq", torch.zeros(7, 4)), r"'exp_avg_sq' of shape \(7, 4\)"),
     "scalar moment": (_set_state("exp_avg", 0.0), "a float as 'exp_avg', not a tensor"),
-    "negative step": (_set_state("step", -1), "step=-1, not a count"),
-    "fractional step": (_set_state("step", torch.tensor(2.5)), "not a count"),
+    "negative step": (_set_state("step", -1), "step=-1; expected a count"),
+    "fractional step": (_set_state("step", torch.tensor(2.5)), "expected a count"),
+    # The next update would count past int64: every later step would be refused.
+    "last int64 step": (_set_state("step", 2**63 - 1), "below 2\\*\\*63 - 1"),
+    "huge float step": (_set_state("step", torch.tensor(2.0**63)), "below 2\\*\\*63 - 1"),
     "state not a dict": (_set_state("exp_avg", None), "a NoneType as 'exp_avg'"),
     "no lr": (_del_group("lr"), r"param_groups\[0\] of the loaded state dict has no \['lr'\]"),
     "no weight_decay": (_del_group("weight_decay"), r"has no \['weight_decay'\]"),

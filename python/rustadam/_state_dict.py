@@ -10,6 +10,9 @@ import torch
 from rustadam.functional import param_label
 from rustadam.weight_decay import WeightDecay
 
+# The most updates a state may count: step counts are int64 (torch's, and the core's).
+MAX_STEP = 2**63 - 1
+
 if TYPE_CHECKING:
     from rustadam.optimizer import Adam
 
@@ -149,7 +152,10 @@ def _check_param_state(
         value = entry[key]
         if key == "step":
             if not _is_count(value):
-                raise ValueError(f"the loaded state of {name} has step={value!r}, not a count")
+                raise ValueError(
+                    f"the loaded state of {name} has step={value!r}; expected a count from 0 "
+                    "below 2**63 - 1 (the next update's count must fit in 63 bits)"
+                )
         elif shape is not None:
             if not isinstance(value, torch.Tensor):
                 raise ValueError(
@@ -203,11 +209,12 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def _is_count(step: Any) -> bool:
-    """An int, or torch.optim.Adam's float tensor, holding a whole number >= 0."""
+    """An int, or torch.optim.Adam's float tensor, holding a whole number from 0 below
+    ``MAX_STEP`` (the next update's count must fit in 63 bits)."""
     if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.is_complex() or step.device.type == "meta":
             return False
         step = step.item()
     if isinstance(step, bool) or not isinstance(step, (int, float)):
         return False
-    return step >= 0 and float(step).is_integer()
+    return 0 <= step < MAX_STEP and float(step).is_integer()

@@ -20,7 +20,13 @@ from torch.optim.optimizer import (
 )
 
 from rustadam import _core, _foreach, _rounding, functional
-from rustadam._state_dict import GROUP_DECAY_KIND, check_state_dict, decay_kind, group_decay
+from rustadam._state_dict import (
+    GROUP_DECAY_KIND,
+    MAX_STEP,
+    check_state_dict,
+    decay_kind,
+    group_decay,
+)
 from rustadam.functional import param_label
 from rustadam.weight_decay import WeightDecay
 
@@ -758,7 +764,7 @@ class Adam(Optimizer):
                 states.append(state)
                 t = state.get("step")
                 # The common case inline; anything else is checked (and named) by _next_step.
-                if type(t) is not int or not 0 <= t < _MAX_STEP:
+                if type(t) is not int or not 0 <= t < MAX_STEP:
                     t = _next_step(state, gi, group, i, param) - 1
                 steps.append(t + 1)
             # Seeds matter only to stochastic rounding (each parameter's own stream).
@@ -888,7 +894,6 @@ class Adam(Optimizer):
 _MAX_THREADS = 1024
 # A subclass whose per-parameter methods are these runs the fused step.
 _BASE_HOOKS = [Adam.__dict__[h] for h in _HOOKS]
-_MAX_STEP = 2**63 - 1
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -1015,7 +1020,7 @@ def _next_step(state: dict[str, Any], gi: int, group: dict[str, Any], i: int, p:
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             step = value
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < _MAX_STEP:
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < MAX_STEP:
         raise RuntimeError(
             f"{param_label(gi, group, i, p)}: its state has step={step!r}; "
             "expected a count from 0 below 2**63 - 1"
