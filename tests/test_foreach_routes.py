@@ -308,3 +308,60 @@ def test_direct_calls_name_the_list_position_or_the_given_label():
     with pytest.raises(RuntimeError, match=r"^weight 'w1': its exp_avg has another dtype"):
         foreach_adam(*args, label=lambda i: f"weight 'w{i}'")
     assert all(not p.any() for p in ps) and not ms[0].any()
+
+
+# ---- a plain parameter with a subclass gradient or moment ---------------------------------------
+
+
+@pytest.mark.parametrize("role", ["grad", "exp_avg"])
+def test_a_subclass_gradient_or_moment_goes_to_torchs_ops(role):
+    """The core takes exact tensors only: a plain parameter whose gradient or moment is a
+    subclass is stepped with torch's ops (as torch.optim.Adam steps it), with the same numbers
+    as an all-plain twin; backend="rust" names it (by its name, past a parameter without a
+    gradient) and changes nothing."""
+    gen = torch.Generator().manual_seed(5)
+    values = [torch.randn(4, generator=gen) for _ in range(3)]
+
+    def make(backend):
+        ps = [torch.nn.Parameter(v.clone()) for v in values]
+        groups = [
+            {"params": ps[:1], "param_names": ["w0"]},
+            {"params": ps[1:], "param_names": ["first", "second"]},
+        ]
+        return ps, _rustadam(groups, backend)
+
+    ps, opt = make("auto")
+    twin, twin_opt = make("auto")
+    for step in range(3):
+        grads = [torch.randn(4, generator=gen) for _ in range(3)]
+        for q, g in zip(twin, grads):
+            q.grad = g.clone()
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        if step:  # the state exists from the first step on
+            twin[1].grad = ps[1].grad = None  # 'first' sits this one out
+            if role == "grad":
+                ps[2].grad = ps[2].grad.as_subclass(Sub)
+            else:
+                state = opt.state[ps[2]]
+                state["exp_avg"] = state["exp_avg"].as_subclass(Sub)
+        opt.step()
+        twin_opt.step()
+        for p, q in zip(ps, twin):
+            assert torch.equal(p.detach(), q.detach())
+
+    strict, strict_opt = make("rust")
+    for p in strict:
+        p.grad = torch.ones(4)
+    strict_opt.step()
+    strict[1].grad = None
+    if role == "grad":
+        strict[2].grad = torch.ones(4).as_subclass(Sub)
+    else:
+        state = strict_opt.state[strict[2]]
+        state["exp_avg"] = state["exp_avg"].as_subclass(Sub)
+    before = [p.detach().clone() for p in strict]
+    with pytest.raises(RuntimeError, match=rf"'second'.*its {role} is a Sub"):
+        strict_opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(strict, before))
+    assert [s["step"] for s in strict_opt.state.values()] == [1, 1, 1]

@@ -144,6 +144,18 @@ def threads(num_threads: Optional[int]) -> int:
     return torch.get_num_threads()
 
 
+_ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "compensation")
+
+
+def _subclassed(entry: tuple[Any, ...]) -> Optional[tuple[str, torch.Tensor]]:
+    """The first buffer of a parameter that is a tensor subclass, with its role; the core
+    takes exact tensors only, so such a parameter goes to the torch ops, as torch steps it."""
+    for role, t in zip(_ROLES, entry):
+        if isinstance(t, torch.Tensor) and type(t) not in _EXACT:
+            return role, t
+    return None
+
+
 def check_entry(label: str, entry: tuple[Any, ...]) -> None:
     """The checks every path makes (the core makes them again on its own buffers)."""
     p, g = entry[0], entry[1]
@@ -229,12 +241,15 @@ def run_groups(
     for gi, w in enumerate(works):
         pos = []
         for k, p in enumerate(w.params):
-            if use_core and type(p) in _EXACT:
+            odd = _subclassed(w.entry(k))
+            if use_core and odd is None:
                 pos.append(k)
             elif backend == "rust":
+                role, t = odd or ("param", p)
+                what = "it" if role == "param" else f"its {role}"
                 raise RuntimeError(
-                    f"rustadam.Adam cannot step {w.label(k)} on the Rust core: it is a "
-                    f"{type(p).__name__}, not exactly a torch.Tensor or nn.Parameter"
+                    f"rustadam.Adam cannot step {w.label(k)} on the Rust core: {what} is a "
+                    f"{type(t).__name__}, not exactly a torch.Tensor or nn.Parameter"
                 )
             else:
                 path = (
