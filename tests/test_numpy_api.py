@@ -434,6 +434,47 @@ def test_class_errors_leave_everything_unchanged():
     np.testing.assert_allclose(a, 1.0 - 1e-3)
 
 
+@pytest.mark.parametrize("kw", [dict(lr="0.1"), dict(eps="1e-8"), dict(betas=(0.9, "0.99")),
+                                dict(lr=True)])  # fmt: skip
+def test_hyperparameters_must_be_numbers(kw):
+    """A string or a bool is not converted (torch's Adam refuses them too), whether given to the
+    constructor or set as an attribute before a step."""
+    p, g, m, v = fresh()
+    with pytest.raises(TypeError, match="must be a real number"):
+        adam_step(p, g, m, v, 1, **kw)
+    with pytest.raises(TypeError, match="must be a real number"):
+        Adam([p], **kw)
+    opt = Adam([p])
+    for name, value in kw.items():
+        setattr(opt, name, value)
+    with pytest.raises(TypeError, match="must be a real number"):
+        opt.step([g])
+    np.testing.assert_array_equal(p, np.ones(4))
+    assert opt.state == {}
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.__setitem__("step", -1), "step must be an int from 0 to .* got -1"),
+        (lambda s: s.__setitem__("step", True), "step must be an int from 0 to .* got True"),
+        (lambda s: s.__setitem__("step", "1"), "step must be an int from 0 to .* got '1'"),
+        (lambda s: s.pop("exp_avg"), "must have the keys 'step', 'exp_avg' and 'exp_avg_sq'"),
+    ],
+)
+def test_a_bad_state_set_between_steps_changes_nothing(edit, message):
+    params = [np.ones(3, np.float32) for _ in range(3)]
+    opt = Adam(params, lr=0.1)
+    opt.step([np.ones(3, np.float32)] * 3)
+    edit(opt.state[2])
+    before = [p.copy() for p in params]
+    steps = [opt.state[i].get("step") for i in (0, 1)]
+    with pytest.raises(ValueError, match=f"^state of parameter 2.*{message}"):
+        opt.step([np.ones(3, np.float32)] * 3)
+    assert all(np.array_equal(p, b) for p, b in zip(params, before))
+    assert [opt.state[i]["step"] for i in (0, 1)] == steps
+
+
 def test_load_state_dict_errors():
     opt = Adam([np.ones(3)])
     good = opt.state_dict()

@@ -193,6 +193,22 @@ def test_a_bad_later_state_is_refused_before_anything_changes(path: str, case: s
     assert_unchanged(opt, before)
 
 
+@pytest.mark.parametrize("path", PER_PARAM)
+def test_a_later_state_that_is_not_a_dict_is_refused_by_name(path: str) -> None:
+    a, b, c = torch.randn(3), torch.randn(3), torch.randn(5)
+    opt = PER_PARAM[path]([{"params": [("a", a)]}, {"params": [("b", b), ("c", c)]}], lr=0.1)
+    for t in (a, b, c):
+        t.grad = torch.randn(t.shape)
+    opt.step()
+    before = snapshot(opt)
+    saved, opt.state[c] = opt.state[c], 5
+    with pytest.raises(RuntimeError, match=r"parameter 'c' .*its state is a int, not a dict"):
+        opt.step()
+    assert opt.state[c] == 5
+    opt.state[c] = saved
+    assert_unchanged(opt, before)
+
+
 @pytest.mark.parametrize("path", [*PER_PARAM, "rust"])
 def test_amsgrad_turned_on_later_is_refused_on_every_path_alike(path: str) -> None:
     def make(params: Any, **kwargs: Any) -> Adam:

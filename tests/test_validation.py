@@ -39,6 +39,33 @@ def test_invalid_hyper_parameters(kwargs: dict[str, Any], message: str) -> None:
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("lr", "0.1"),
+        ("eps", "1e-8"),
+        ("betas", ("0.9", 0.999)),
+        ("lr", torch.tensor(0.1, device="meta")),
+        ("lr", torch.tensor(0.1 + 1j)),
+    ],
+)
+def test_hyper_parameters_must_be_real_numbers(key: str, value: Any) -> None:
+    """Not converted from a string (torch.optim.Adam refuses one), nor read from a tensor that
+    has no real value: a TypeError at construction, a ValueError naming the group at a step
+    (set after construction), with nothing changed."""
+    with pytest.raises(TypeError, match="must be a real number"):
+        Adam([param(2)], **{key: value})
+    a, b = param(2), param(3)
+    opt = Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.ones(2), torch.ones(3)
+    opt.param_groups[1][key] = value
+    before = [a.detach().clone(), b.detach().clone()]
+    with pytest.raises(ValueError, match=r"param_groups\[1\]: .*must be a real number"):
+        opt.step()
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+    assert len(opt.state) == 0
+
+
 def test_invalid_weight_decay() -> None:
     with pytest.raises(ValueError) as info:
         WeightDecay(-0.1)

@@ -33,6 +33,7 @@ True
 
 from __future__ import annotations
 
+import numbers
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
@@ -71,10 +72,10 @@ def _config(
     if len(betas) != 2:
         raise ValueError(f"betas must be a pair (β1, β2), got {betas!r}")
     return _core.Config(
-        lr=float(lr),
-        betas=(float(betas[0]), float(betas[1])),
-        eps=float(eps),
-        weight_decay=float(weight_decay),
+        lr=_number("lr", lr),
+        betas=(_number("betas[0]", betas[0]), _number("betas[1]", betas[1])),
+        eps=_number("eps", eps),
+        weight_decay=_number("weight_decay", weight_decay),
         weight_decouple=_flag("weight_decouple", weight_decouple),
         absolute=_flag("absolute", absolute),
         optimized_update=_flag("optimized_update", optimized_update),
@@ -232,6 +233,9 @@ class Adam:
         )
         _check_num_threads(self.num_threads)
         idx = [i for i, g in enumerate(grads) if g is not None]
+        for i in idx:
+            if i in self.state:
+                _check_state(self.state[i], i)
         # New states are kept only once the step has succeeded.
         new = {i: _fresh_state(self.params[i]) for i in idx if i not in self.state}
         states = [self.state.get(i) or new[i] for i in idx]
@@ -297,21 +301,8 @@ class Adam:
         for key, s in dict(state_dict["state"]).items():
             i = _index(key, len(self.params))
             p = self.params[i]
-            if not isinstance(s, Mapping) or set(s) != {"step", "exp_avg", "exp_avg_sq"}:
-                raise ValueError(
-                    f"state of parameter {i} must have the keys 'step', 'exp_avg' and 'exp_avg_sq'"
-                )
-            step = s["step"]
-            if (
-                isinstance(step, (bool, np.bool_))
-                or not isinstance(step, (int, np.integer))
-                or not 0 <= int(step) <= _MAX_STEP - 1
-            ):
-                raise ValueError(
-                    f"state of parameter {i}: step must be an int from 0 to {_MAX_STEP - 1} (the "
-                    f"count after the next update must fit in 63 bits), got {step!r}"
-                )
-            loaded = {"step": int(step)}
+            _check_state(s, i)
+            loaded = {"step": int(s["step"])}
             for name in ("exp_avg", "exp_avg_sq"):
                 a = np.asarray(s[name])
                 if a.shape != p.shape:
@@ -340,6 +331,34 @@ def _check_param(p: Any, name: str) -> None:
         raise ValueError(f"{name} is not C-contiguous; it is updated in place")
     if not p.flags.writeable:
         raise ValueError(f"{name} is read-only (its WRITEABLE flag is off)")
+
+
+def _check_state(s: Any, i: int) -> None:
+    """Parameter ``i``'s state: the three entries, ``step`` an int the next update can count
+    past (ValueError naming the parameter and the entry)."""
+    if not isinstance(s, Mapping) or set(s) != {"step", "exp_avg", "exp_avg_sq"}:
+        raise ValueError(
+            f"state of parameter {i} must have the keys 'step', 'exp_avg' and 'exp_avg_sq'"
+        )
+    step = s["step"]
+    if (
+        isinstance(step, (bool, np.bool_))
+        or not isinstance(step, (int, np.integer))
+        or not 0 <= int(step) <= _MAX_STEP - 1
+    ):
+        raise ValueError(
+            f"state of parameter {i}: step must be an int from 0 to {_MAX_STEP - 1} (the "
+            f"count after the next update must fit in 63 bits), got {step!r}"
+        )
+
+
+def _number(name: str, x: Any) -> float:
+    """A hyper-parameter as a float: a real number (numpy's too, or a 1-element real array),
+    never a bool or a string such as "0.1"."""
+    real = isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+    if not real and not (isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu"):
+        raise TypeError(f"{name} must be a real number, got {x!r}")
+    return float(x)
 
 
 def _fresh_state(p: np.ndarray) -> dict[str, Any]:

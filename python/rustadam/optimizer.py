@@ -241,7 +241,12 @@ class Adam(Optimizer):
         if _is_number(weight_decay):
             weight_decay = WeightDecay(weight_decay)  # decoupled, as AdamW
         # The core's rules (and messages) validate every hyper-parameter.
-        _core.Config(lr=float(lr), betas=_pair(betas), eps=eps, rounding=rounding)
+        _core.Config(
+            lr=_real_number("lr", lr),
+            betas=_pair(betas),
+            eps=_real_number("eps", eps),
+            rounding=rounding,
+        )
         if backend not in _BACKENDS:
             raise ValueError(f"Invalid backend: {backend!r}; expected one of {_BACKENDS}")
         _check_threads(num_threads)
@@ -524,10 +529,12 @@ class Adam(Optimizer):
         try:
             wd = group.get("weight_decay", 0.0)
             return _core.Config(
-                lr=float(group["lr"]),
+                lr=_real_number("lr", group["lr"]),
                 betas=_pair(group["betas"]),
-                eps=float(group["eps"]),
-                weight_decay=float(wd.weight_decay if isinstance(wd, WeightDecay) else wd),
+                eps=_real_number("eps", group["eps"]),
+                weight_decay=_real_number(
+                    "weight_decay", wd.weight_decay if isinstance(wd, WeightDecay) else wd
+                ),
                 weight_decouple=flags[0],
                 absolute=flags[1],
                 optimized_update=bool(group.get("optimized_update", self.optimized_update)),
@@ -586,8 +593,15 @@ class Adam(Optimizer):
             out.append((i, param, grad))
         return out
 
-    def _state(self, group: dict[str, Any], param: torch.Tensor, created: list) -> dict[str, Any]:
+    def _state(
+        self, gi: int, group: dict[str, Any], i: int, param: torch.Tensor, created: list
+    ) -> dict[str, Any]:
         state = self.state[param]
+        if not isinstance(state, dict):
+            raise RuntimeError(
+                f"{param_label(gi, group, i, param)}: its state is a {type(state).__name__}, "
+                "not a dict"
+            )
         if not state:
             created.append(param)
             self.init_state(state, group, param)
@@ -603,7 +617,7 @@ class Adam(Optimizer):
         base = self._base_methods()
         for gi, group in groups:
             for i, param, grad in self._grads(gi, group, only):
-                state = self._state(group, param, created)
+                state = self._state(gi, group, i, param, created)
                 t = self._check_per_param(base, gi, group, i, param, grad, state)
                 todo.append((group, state, grad, param, t))
         self._unscale([entry[2] for entry in todo])
@@ -722,7 +736,7 @@ class Adam(Optimizer):
             positions: list[int] = []
             states: list[dict[str, Any]] = []
             for i, param, grad in self._grads(gi, group, only):
-                state = self._state(group, param, created)
+                state = self._state(gi, group, i, param, created)
                 # The buffers the core steps (a DTensor's local shards where it has them).
                 m, v = state.get("exp_avg"), state.get("exp_avg_sq")
                 if not (isinstance(m, torch.Tensor) and isinstance(v, torch.Tensor)):
@@ -932,10 +946,18 @@ def _placed(groups: list[dict[str, Any]], at: Optional[tuple[int, int]], param: 
 
 def _is_number(x: Any) -> bool:
     """A real number as torch.optim.AdamW takes one for weight_decay: Python and numpy scalars
-    (``numbers.Real``) and 1-element real tensors; not a bool."""
+    (``numbers.Real``) and 1-element real tensors with a value (not on "meta"); not a bool."""
     if isinstance(x, torch.Tensor):
-        return x.numel() == 1 and not x.is_complex()
+        return x.numel() == 1 and not x.is_complex() and x.device.type != "meta"
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _real_number(name: str, x: Any) -> float:
+    """``x`` as a float if it is a real number (see ``_is_number``); TypeError otherwise (a
+    string "0.1" is not converted, as torch.optim.Adam does not take one)."""
+    if not _is_number(x):
+        raise TypeError(f"{name} must be a real number or a 1-element real tensor, got {x!r}")
+    return float(x)
 
 
 def _check_decoupled_key(gi: int, group: dict[str, Any], decay: Any) -> None:
@@ -985,7 +1007,7 @@ def _check_threads(num_threads: Any) -> None:
 
 def _pair(betas: Any) -> tuple[float, float]:
     b1, b2 = betas
-    return float(b1), float(b2)
+    return _real_number("betas[0]", b1), _real_number("betas[1]", b2)
 
 
 def _k(x: float, dtype: torch.dtype) -> float:
