@@ -542,6 +542,35 @@ def test_step_bumps_the_version_counter_of_what_it_writes(backend, n):
         y.backward()
 
 
+@pytest.mark.parametrize("backend", ["rust", "auto"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_every_written_tensor_of_a_long_step_is_bumped_exactly_once(backend, amsgrad):
+    """Versions are bumped a chunk at a time: every tensor of many (not a multiple of the
+    chunk), the last ones included, gets exactly one bump per step; gradients none."""
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(131)]
+    opt = Adam(params, lr=LR, backend=backend, amsgrad=amsgrad)
+    for p in params:
+        p.grad = torch.ones(3)
+    opt.step()
+
+    def versions():
+        out = []
+        for p in params:
+            state = opt.state[p]
+            out.append(p._version)
+            out += [state[k]._version for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                    if k in state]  # fmt: skip
+        return out
+
+    before, grads = versions(), [p.grad._version for p in params]
+    saved = (params[-1] * params[-1]).sum()
+    opt.step()
+    assert [b + 1 for b in before] == versions()
+    assert grads == [p.grad._version for p in params]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
 # ---- memory the optimizer no longer references -------------------------------------------------
 
 

@@ -31,15 +31,21 @@ const IMPL_WORD: usize = 2;
 /// the vtable and the reference counts).
 const STORAGE_WORD: usize = 2;
 const AUTOGRAD_META_WORD: usize = 3;
+/// The word of a `TensorImpl` holding its version counter's pointer (after the autograd and
+/// extra metadata): the counter a step bumps for every tensor it writes, in an allocation of
+/// its own.
+const VERSION_WORD: usize = 5;
 /// The `TensorImpl` lines torch's metadata calls read (sizes, strides, offset, dtype, keys).
 const IMPL_LINES: usize = 4;
 
-/// What the third stage fetches: the storage (for the buffer reads of a plan) or the
-/// autograd metadata (for `.grad`, read while a step gathers its lists).
+/// What the third stage fetches: the storage (for the buffer reads of a plan), the autograd
+/// metadata (for `.grad`, read while a step gathers its lists) or the version counter (for
+/// the version bumps of the tensors a step wrote).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Then {
     Storage,
     AutogradMeta,
+    Version,
 }
 
 fn prefetch(addr: usize) {
@@ -105,6 +111,7 @@ unsafe fn stage(k: usize, obj: *mut ffi::PyObject, then: Then, th: &Torch) {
     let w = match then {
         Then::Storage => STORAGE_WORD,
         Then::AutogradMeta => AUTOGRAD_META_WORD,
+        Then::Version => VERSION_WORD,
     };
     // SAFETY: `imp` is the live TensorImpl the object owns (layout confirmed), which is far
     // larger than these first words; what it points to is only prefetched.
@@ -134,6 +141,41 @@ pub(crate) unsafe fn ahead<const K: usize>(
             }
         }
     }
+}
+
+/// Runs `f` over `objs` in chunks, `f(start, end)` for each, having hinted each chunk's lines
+/// while the chunks before it ran: for a loop that is not ours (torch's, which waits on each
+/// tensor's object, `TensorImpl` and `then` target in turn), the stages run one, two and three
+/// chunks ahead.
+///
+/// # Safety
+/// Every non-null pointer of `objs` is a live Python object for as long as this call runs (the
+/// caller holds it, or the list that holds it), and the GIL is held.
+pub(crate) unsafe fn chunked(
+    th: &Torch,
+    objs: &[*mut ffi::PyObject],
+    then: Then,
+    mut f: impl FnMut(usize, usize) -> PyResult<()>,
+) -> PyResult<()> {
+    const CHUNK: usize = 64;
+    let n = objs.len();
+    let hint = |k: usize, chunk: usize| {
+        let lo = (chunk * CHUNK).min(n);
+        for &obj in &objs[lo..(lo + CHUNK).min(n)] {
+            // SAFETY: the function's contract.
+            unsafe { stage(k, obj, then, th) };
+        }
+    };
+    for k in 0..3 {
+        hint(k, 0);
+    }
+    for chunk in 0..n.div_ceil(CHUNK) {
+        hint(2, chunk + 1);
+        hint(1, chunk + 2);
+        hint(0, chunk + 3);
+        f(chunk * CHUNK, ((chunk + 1) * CHUNK).min(n))?;
+    }
+    Ok(())
 }
 
 /// The smallest `tp_basicsize` of an exact tensor type for which `IMPL_WORD` is inside it.
@@ -173,5 +215,15 @@ fn check_layout(py: Python<'_>) -> PyResult<bool> {
             return Ok(false);
         }
     }
-    Ok(true)
+    // The version counter: shared by a view (which bumps it too), not by `.data` (a tensor
+    // autograd does not track), though both share the storage.
+    let impl_of = |obj: &Bound<'_, PyAny>| -> PyResult<usize> { obj.getattr("_cdata")?.extract() };
+    let (view, data) = (t.call_method1("view", (-1,))?, t.getattr("data")?);
+    let imps = [impl_of(&t)?, impl_of(&view)?, impl_of(&data)?];
+    if imps.contains(&0) || imps[0] == imps[1] || imps[0] == imps[2] {
+        return Ok(false);
+    }
+    // SAFETY: live TensorImpls torch reports for objects held here, larger than six words.
+    let [a, b, c] = imps.map(|imp| unsafe { word(imp, VERSION_WORD) });
+    Ok(a != 0 && a == b && a != c && c != 0)
 }
