@@ -11,6 +11,7 @@ import copy
 import gc
 import inspect
 import io
+import weakref
 
 import pytest
 import torch
@@ -372,3 +373,33 @@ def test_a_new_parameter_with_a_freed_ones_id_is_hooked():
     ref_opt.step()
     assert new.grad is None
     assert torch.equal(new.detach(), ref.detach())
+
+
+def test_a_dropped_optimizer_stops_stepping():
+    """The hooks hold the optimizer weakly and are removed with it: once it is gone, a
+    backward leaves the parameter alone and its gradient where torch puts it."""
+    p = nn.Parameter(torch.ones(3))
+    opt = Adam([p], lr=0.1, gradient_release=True)
+    (p * 2).sum().backward()
+    assert p.grad is None and not torch.equal(p.detach(), torch.ones(3))
+    alive = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert alive() is None
+    before = p.detach().clone()
+    (p * 2).sum().backward()
+    assert torch.equal(p.detach(), before)
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    assert not p._post_accumulate_grad_hooks
+
+
+def test_a_parameter_listed_twice_is_refused_by_name():
+    """As the usual step refuses it (torch would step it twice): the backward that reaches it
+    raises, naming both places, and leaves it as it was."""
+    p, q = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        opt = Adam([q, p, p], lr=0.1, gradient_release=True)
+    twice = r"\['params'\]\[2\].*same tensor as .*\['params'\]\[1\]"
+    with pytest.raises(RuntimeError, match=twice):
+        (p.sum() + q.sum()).backward()
+    assert torch.equal(p.detach(), torch.ones(3)) and p not in opt.state

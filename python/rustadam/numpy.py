@@ -358,7 +358,7 @@ def _number(name: str, x: Any) -> float:
     real = isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
     if not real and not (isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu"):
         raise TypeError(f"{name} must be a real number, got {x!r}")
-    return float(x)
+    return float(x.item() if isinstance(x, np.ndarray) else x)
 
 
 def _fresh_state(p: np.ndarray) -> dict[str, Any]:

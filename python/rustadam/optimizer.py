@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 from torch.optim.optimizer import (
     Optimizer,
@@ -438,15 +439,25 @@ class Adam(Optimizer):
 
     def _hook_params(self) -> None:
         """Steps each parameter as soon as its gradient is accumulated (gradient_release)."""
-        handles = self.__dict__.setdefault("_release_handles", {})
+        handles = self.__dict__.get("_release_handles")
+        if handles is None:
+            handles = self.__dict__["_release_handles"] = {}
+            # The hooks hold the optimizer weakly and go with it: a dropped optimizer (or one
+            # replaced by another that loaded its state dict) stops stepping the parameters.
+            weakref.finalize(self, _remove_hooks, handles)
         where = self.__dict__["_release_where"] = {}
+        twice = self.__dict__["_release_twice"] = {}
+        me = weakref.ref(self)
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
+                if id(p) in where:
+                    twice[id(p)] = (where[id(p)], (gi, i))
+                    continue
                 where[id(p)] = (gi, i)
                 held = handles.get(id(p))
                 # By identity: a parameter freed since may have left its id to this one.
                 if (held is None or held[0]() is not p) and p.requires_grad:
-                    hook = p.register_post_accumulate_grad_hook(self._release)
+                    hook = p.register_post_accumulate_grad_hook(functools.partial(_released, me))
                     handles[id(p)] = (weakref.ref(p), hook)
 
     def _release(self, param: torch.Tensor) -> None:
@@ -458,6 +469,12 @@ class Adam(Optimizer):
             at = self.__dict__["_release_where"].get(id(param))
             if at is None:
                 return  # no longer optimized here
+        if id(param) in self.__dict__.get("_release_twice", {}):
+            (g1, i1), (g2, i2) = self.__dict__["_release_twice"][id(param)]
+            raise RuntimeError(
+                f"{param_label(g2, groups[g2], i2, param)}: it is the same tensor as "
+                f"{param_label(g1, groups[g1], i1, param)}; list each parameter once"
+            )
         with torch.no_grad():
             self._locked(self._step_all, at)
         param.grad = None
@@ -936,6 +953,20 @@ def _rustadam_step_runs_eagerly(f: Callable[..., None], *args: Any) -> None:
     f(*args)
 
 
+def _released(opt: Callable[[], Optional[Adam]], param: torch.Tensor) -> None:
+    """The gradient-release hook: steps ``param`` if its optimizer still exists."""
+    live = opt()
+    if live is not None:
+        live._release(param)
+
+
+def _remove_hooks(handles: dict[int, Any]) -> None:
+    """Removes the gradient-release hooks of an optimizer that is gone."""
+    for _param, hook in handles.values():
+        hook.remove()
+    handles.clear()
+
+
 def _placed(groups: list[dict[str, Any]], at: Optional[tuple[int, int]], param: Any) -> bool:
     """Whether ``param`` is still parameter ``at`` = (group, index) of ``groups``."""
     if at is None or at[0] >= len(groups):
@@ -946,10 +977,13 @@ def _placed(groups: list[dict[str, Any]], at: Optional[tuple[int, int]], param: 
 
 def _is_number(x: Any) -> bool:
     """A real number as torch.optim.AdamW takes one for weight_decay: Python and numpy scalars
-    (``numbers.Real``) and 1-element real tensors with a value (not on "meta"); not a bool."""
+    (``numbers.Real``), 1-element real numpy arrays and tensors with a value (not on "meta");
+    not a bool."""
     if isinstance(x, torch.Tensor):
         return x.numel() == 1 and not x.is_complex() and x.device.type != "meta"
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+    if isinstance(x, np.ndarray):
+        return x.size == 1 and x.dtype.kind in "fiu"
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def _real_number(name: str, x: Any) -> float:
@@ -957,7 +991,7 @@ def _real_number(name: str, x: Any) -> float:
     string "0.1" is not converted, as torch.optim.Adam does not take one)."""
     if not _is_number(x):
         raise TypeError(f"{name} must be a real number or a 1-element real tensor, got {x!r}")
-    return float(x)
+    return float(x.item() if isinstance(x, np.ndarray) else x)
 
 
 def _check_decoupled_key(gi: int, group: dict[str, Any], decay: Any) -> None:

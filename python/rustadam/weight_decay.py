@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import TYPE_CHECKING, Any
 
 from rustadam import _core
@@ -35,8 +36,13 @@ class WeightDecay:
         self, weight_decay: float = 0.0, weight_decouple: bool = True, absolute: bool = False
     ) -> None:
         try:
-            _core.Config(weight_decay=float(weight_decay))  # the core's rule
-        except (TypeError, ValueError):
+            value = weight_decay
+            if not isinstance(value, (int, float)) and callable(getattr(value, "item", None)):
+                value = value.item()  # a 1-element array or tensor of any shape
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError("not a real number")  # a string "0.01" is not converted
+            _core.Config(weight_decay=float(value))  # the core's rule
+        except (TypeError, ValueError, RuntimeError):
             # torch's message, with the value as given (an int stays an int).
             raise ValueError(f"Invalid weight_decay value: {weight_decay}") from None
         if not isinstance(weight_decay, (int, float)) and callable(
