@@ -365,3 +365,63 @@ def test_a_subclass_gradient_or_moment_goes_to_torchs_ops(role):
         strict_opt.step()
     assert all(torch.equal(p.detach(), b) for p, b in zip(strict, before))
     assert [s["step"] for s in strict_opt.state.values()] == [1, 1, 1]
+
+
+# ---- a step mixing the core and torch's ops is all or nothing ----------------------------------
+
+
+class NoForeach(torch.Tensor):
+    """Takes torch's single-tensor ops but raises on ``torch._foreach_*`` (after the checks)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "").startswith("_foreach"):
+            raise NotImplementedError(f"NoForeach: no {func.__name__}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scale"])
+@pytest.mark.parametrize("first", [False, True], ids=["state", "first-step"])
+def test_an_error_of_torchs_ops_leaves_the_cores_parameters_too(scaled, first):
+    """The core's parameters, moments, step counts and (with GradScaler's scale) gradients stay
+    as they were when the foreach ops of another parameter of the step raise."""
+    ps = [torch.nn.Parameter(torch.ones(3)) for _ in range(3)]
+    opt = _rustadam(ps, "auto")
+    if not first:
+        for p in ps:
+            p.grad = torch.ones(3)
+        opt.step()
+    for p in ps:
+        p.grad = torch.full((3,), 8.0)
+    ps[1].grad = ps[1].grad.as_subclass(NoForeach)
+    if scaled:
+        opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+    before = [(p.detach().clone(), p.grad.clone(), p.grad._version) for p in ps]
+    states = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+              for p, s in opt.state.items()}  # fmt: skip
+    with pytest.raises(NotImplementedError, match="NoForeach"):
+        opt.step()
+    for p, (value, grad, version) in zip(ps, before):
+        assert torch.equal(p.detach(), value) and torch.equal(p.grad, grad)
+        assert p.grad._version == version
+    assert opt.state.keys() == states.keys()
+    for p, s in states.items():
+        for k, v in s.items():
+            assert torch.equal(opt.state[p][k], v) if torch.is_tensor(v) else opt.state[p][k] == v
+
+
+def test_a_wrapper_sharing_a_core_parameters_memory_is_refused():
+    """A wrapper subclass has no storage of its own: the tensors it wraps are compared with the
+    core's. One of them aliasing a plain parameter cannot be stepped in the parameters' order
+    (the paths write after the core): refused by name, nothing changed."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    base = torch.randn(4)
+    p = torch.nn.Parameter(base)
+    q = torch.nn.Parameter(TwoTensor(base.detach(), torch.randn(4)))
+    p.grad, q.grad = torch.ones(4), TwoTensor(torch.ones(4), torch.ones(4))
+    opt = _rustadam([p, q], "auto")
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match=r"\['params'\]\[1\].*shares memory with .*\[0\]"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and len(opt.state) == 0

@@ -134,7 +134,8 @@ def foreach_adam(
     found_inf: Optional[torch.Tensor] = None,
     label: Optional[Callable[[int], str]] = None,
     alone: Optional[Sequence[int]] = None,
-) -> None:
+    defer: bool = False,
+) -> Optional[Callable[[], None]]:
     """One Adam step of every parameter in the lists, in place (docs/NUMERICS.md, bit for bit).
 
     Lists are aligned per parameter. ``steps[i]`` is t after this update (>= 1);
@@ -151,17 +152,41 @@ def foreach_adam(
     Parameters whose memory overlaps another's are stepped one at a time in list order, as
     torch's for-loop would. ``alone``: what :func:`check` returned for these very lists, when
     the caller has already run it (the checks are then not repeated).
+
+    ``defer``: computes the new values of every parameter that overlaps no other now, writing
+    nothing, and returns the function that writes them (then steps the overlapping ones, in
+    order). A caller that steps other paths too runs them in between, so that an error of
+    these ops (a tensor subclass's own code, say) leaves every path's tensors as they were.
     """
     # By the parameter's own dtype, so that a batch is all complex or all real.
-    todo = batches("foreach_adam", lambda p: (p.device, p.dtype), params, grads, exp_avgs,
-                   exp_avg_sqs, max_exp_avg_sqs, compensations, steps, seeds, cfg, label,
-                   alone)  # fmt: skip
-    with writable(params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations):
-        for (device, dtype), idx in todo:
-            _step_group(
-                device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
-                compensations, steps, seeds, cfg, grad_scale, found_inf,
-            )  # fmt: skip
+    todo, together = batches("foreach_adam", lambda p: (p.device, p.dtype), params, grads,
+                             exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations, steps,
+                             seeds, cfg, label, alone)  # fmt: skip
+    written = (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations)
+
+    def compute(batch: tuple[Any, list[int]]) -> Callable[[], None]:
+        (device, dtype), idx = batch
+        return _step_group(
+            device, dtype, idx, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
+            compensations, steps, seeds, cfg, grad_scale, found_inf,
+        )  # fmt: skip
+
+    # The batches that overlap nothing are computed before any is written (also without
+    # `defer`, so that both ways fail alike); an overlapping one sees the writes before it.
+    with writable(*written):
+        writes = [compute(batch) for batch in todo[:together]]
+
+    def commit() -> None:
+        with writable(*written):
+            for write in writes:
+                write()
+            for batch in todo[together:]:
+                compute(batch)()
+
+    if defer:
+        return commit
+    commit()
+    return None
 
 
 def batches(
@@ -178,10 +203,11 @@ def batches(
     cfg: Any,
     label: Optional[Callable[[int], str]],
     alone: Optional[Sequence[int]],
-) -> list[tuple[Any, list[int]]]:
+) -> tuple[list[tuple[Any, list[int]]], int]:
     """The batches a step of these lists runs, in order, after checking them all (unless
     ``alone`` is what :func:`check` returned for them): the parameters by ``key``, then each
-    parameter that overlaps another on its own, in list order."""
+    parameter that overlaps another on its own, in list order; and how many of them come
+    first, overlapping nothing."""
     n = len(params)
     for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
                       ("steps", steps), ("seeds", seeds)):  # fmt: skip
@@ -198,7 +224,7 @@ def batches(
         if i not in seq:
             groups.setdefault(key(p), []).append(i)
     # Memory-disjoint from every buffer the others write, so their order does not matter.
-    return list(groups.items()) + [(key(params[i]), [i]) for i in sorted(seq)]
+    return list(groups.items()) + [(key(params[i]), [i]) for i in sorted(seq)], len(groups)
 
 
 _ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "compensation")
@@ -451,7 +477,9 @@ def _step_group(
     cfg: Any,
     grad_scale: Optional[torch.Tensor],
     found_inf: Optional[torch.Tensor],
-) -> None:
+) -> Callable[[], None]:
+    """Computes the batch's new values (writing nothing); returns the function that writes
+    them."""
     # Complex tensors step as their pairs of reals, of this dtype.
     cplx = dtype.is_complex
     if cplx:
@@ -555,15 +583,18 @@ def _step_group(
                 x = torch.where(skip, d, x.to(d.dtype))
             d.copy_(x)
 
-    write(p_e, new_p)
-    write(m_e, m)
-    write(v_e, v)
-    if cfg.amsgrad:
-        write(vmax_e, vd)
-    if rounding == "kahan":
-        assert compensations is not None
-        dst = [real(c) for c in (compensations[i] for i in idx) if c is not None]
-        write(dst, [c for c in comps if c is not None])
+    def write_all() -> None:
+        write(p_e, new_p)
+        write(m_e, m)
+        write(v_e, v)
+        if cfg.amsgrad:
+            write(vmax_e, vd)
+        if rounding == "kahan":
+            assert compensations is not None
+            dst = [real(c) for c in (compensations[i] for i in idx) if c is not None]
+            write(dst, [c for c in comps if c is not None])
+
+    return write_all
 
 
 _SCALAR_CACHE: dict[tuple[float, torch.dtype, str], torch.Tensor] = {}

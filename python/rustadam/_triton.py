@@ -141,7 +141,7 @@ def triton_adam(
     ``RuntimeError("{label(i)}: {reason}")`` before any launch, and parameters whose memory
     overlaps another's get a launch each, in list order, after the others.
     """
-    todo = batches("triton_adam", lambda p: (p.device, _REAL_OF.get(p.dtype, p.dtype)), params,
+    todo, _ = batches("triton_adam", lambda p: (p.device, _REAL_OF.get(p.dtype, p.dtype)), params,
                    grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, compensations, steps, seeds,
                    cfg, label, alone)  # fmt: skip
     # The kernel writes through pointers; write-backs of work copies are torch ops.

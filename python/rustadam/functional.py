@@ -197,6 +197,22 @@ def _span(t: torch.Tensor) -> Optional[tuple[Any, int, int]]:
     return (storage, *_foreach.extent(t, t.data_ptr()))
 
 
+def _inner_tensors(t: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors holding ``t``'s memory: itself, or for a wrapper subclass (which has no
+    storage of its own) the tensors it wraps (``__tensor_flatten__``), recursively."""
+    if not isinstance(t, torch.Tensor):
+        return []
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or depth > 8:
+        return [t]
+    try:
+        names, _ctx = flatten()
+        inner = [getattr(t, name) for name in names]
+    except Exception:  # a subclass whose flattening fails: its own memory, if any
+        return [t]
+    return [x for i in inner for x in _inner_tensors(i, depth + 1)]
+
+
 def param_label(gi: int, group: dict[str, Any], i: int, param: torch.Tensor) -> str:
     """How errors name parameter ``i`` of group ``gi`` (by its name where the group has them)."""
     names = group.get("param_names")
@@ -286,17 +302,24 @@ def run_groups(
         alone = _check_paths(works, other)
         if grad_scale is not None and found_inf is not None and bool(found_inf.item()):
             return []
-        if deferred or other:
-            # Python code ran since the plan read the buffers (torch calls that a mode or a
-            # subclass may answer): read and check them again, so that nothing runs between
-            # the checks the core relies on and its writes.
-            plan = _plan(works, core_in, core_pos, backend)
-            again = [(gi, core_pos[gi][k]) for gi, k, _ in plan.deferred]
-            if again != deferred:
-                raise RuntimeError(
-                    "the parameters changed while rustadam.Adam checked them (did a "
-                    "__torch_function__ or a mode change them?); nothing was written"
-                )
+    # The foreach ops compute every new value first, writing nothing, and write after the core
+    # and the Triton kernel: an error of theirs (a tensor subclass's own code) changes nothing.
+    writes = [
+        _run_path("foreach", w, ks, grad_scale, found_inf, alone.get((gi, "foreach")))
+        for gi, w in enumerate(works)
+        if (ks := _path_ks(other, gi, "foreach"))
+    ]
+    if plan is not None and (deferred or other):
+        # Python code ran since the plan read the buffers (torch calls that a mode or a
+        # subclass may answer): read and check them again, so that nothing runs between the
+        # checks the core relies on and its writes.
+        plan = _plan(works, core_in, core_pos, backend)
+        again = [(gi, core_pos[gi][k]) for gi, k, _ in plan.deferred]
+        if again != deferred:
+            raise RuntimeError(
+                "the parameters changed while rustadam.Adam checked them (did a "
+                "__torch_function__ or a mode change them?); nothing was written"
+            )
     written: list[torch.Tensor] = []
     inside = False
     if plan is not None and len(plan):
@@ -326,35 +349,41 @@ def run_groups(
             plan.execute(**options)
         except _core.StepError as e:
             raise _step_error(works, core_pos, e) from None
-    for path in ("triton", "foreach"):
-        for gi, w in enumerate(works):
-            ks = _path_ks(other, gi, path)
-            if not ks:
-                continue
-            fn = _foreach.foreach_adam
-            if path == "triton":
-                from rustadam import _triton
-
-                fn = _triton.triton_adam
-            lists = _lists(w, ks)
-            fn(
-                *lists[1:5],
-                lists[5],
-                lists[6],
-                lists[7],
-                lists[8],
-                w.config,
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                label=_labels(w, ks),
-                alone=alone.get((gi, path)),
-            )
+    for gi, w in enumerate(works):
+        if ks := _path_ks(other, gi, "triton"):
+            _run_path("triton", w, ks, grad_scale, found_inf, alone.get((gi, "triton")))
+    for write in writes:
+        if write is not None:
+            write()
     if commit is not None and not inside:
         for state, t in zip(*commit):
             state["step"] = t
         if written:
             torch._C._increment_version(written)
     return written
+
+
+def _run_path(
+    path: str,
+    w: GroupWork,
+    ks: list[int],
+    grad_scale: Optional[torch.Tensor],
+    found_inf: Optional[torch.Tensor],
+    alone: Any,
+) -> Optional[Callable[[], None]]:
+    """Steps positions ``ks`` of a group on ``path``: the Triton kernel at once; the foreach
+    ops computed now, returning the function that writes their results."""
+    lists = _lists(w, ks)
+    args = (*lists[1:5], lists[5], lists[6], lists[7], lists[8], w.config)
+    kw: dict[str, Any] = dict(
+        grad_scale=grad_scale, found_inf=found_inf, label=_labels(w, ks), alone=alone
+    )
+    if path == "triton":
+        from rustadam import _triton
+
+        _triton.triton_adam(*args, **kw)
+        return None
+    return _foreach.foreach_adam(*args, **kw, defer=True)
 
 
 def _labels(w: GroupWork, ks: list[int]) -> Callable[[int], str]:
@@ -426,17 +455,20 @@ def _refuse_duplicates(works: list[GroupWork]) -> None:
 def _refuse_shared_with_core(
     works: list[GroupWork], core: list[tuple[int, int]], others: list[tuple[int, int]]
 ) -> None:
-    """The core steps its parameters before the paths step the others: one of those sharing
-    memory with a core parameter would be stepped out of order."""
+    """The core and the other paths each step their parameters in one go, the other paths'
+    results computed before the core writes and written after it: one of those sharing memory
+    with a core parameter (a wrapper subclass through the tensors it wraps) would not be
+    stepped in the parameters' order, as torch's for-loop steps them."""
     # One sweep over the spans sorted by storage and first byte (not every pair: groups of
     # thousands of parameters stay linear), keeping those still open.
     spans = []
     for side, entries in ((0, core), (1, others)):
         for gi, k in entries:
             for t in works[gi].entry(k):
-                sp = None if t is None else _span(t)
-                if sp is not None:
-                    spans.append((sp[0], sp[1], sp[2], side, gi, k))
+                for inner in _inner_tensors(t):
+                    sp = _span(inner)
+                    if sp is not None:
+                        spans.append((sp[0], sp[1], sp[2], side, gi, k))
     spans.sort(key=lambda s: (str(s[0][0]), s[0][1], s[1]))
     open_: list[tuple[Any, ...]] = []
     for cur in spans:
@@ -448,8 +480,8 @@ def _refuse_shared_with_core(
                 raise RuntimeError(
                     f"{works[other[4]].label(other[5])}: it shares memory with "
                     f"{works[in_core[4]].label(in_core[5])}, "
-                    "which the Rust core steps first while this one cannot be; step them "
-                    "with backend='torch'"
+                    "which the Rust core steps while this one takes torch's ops, so that "
+                    "their order cannot be kept; step them with backend='torch'"
                 )
         open_.append(cur)
 
