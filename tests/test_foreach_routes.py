@@ -425,3 +425,17 @@ def test_a_wrapper_sharing_a_core_parameters_memory_is_refused():
     with pytest.raises(RuntimeError, match=r"\['params'\]\[1\].*shares memory with .*\[0\]"):
         opt.step()
     assert torch.equal(p.detach(), before) and len(opt.state) == 0
+
+
+def test_a_gradient_read_by_the_core_and_by_torchs_ops_is_taken():
+    """Only reading shares nothing that could be ordered: a gradient whose memory both a core
+    parameter and a subclass one read steps both, as with gradients of their own."""
+    g = torch.tensor([1.0, 2.0, 3.0])
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    a.grad, b.grad = g, g.as_subclass(Sub)
+    _rustadam([a, b], "auto").step()
+    c, d = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    c.grad, d.grad = g.clone(), g.clone()
+    _rustadam([c, d], "auto").step()
+    assert torch.equal(a.detach(), c.detach()) and torch.equal(b.detach(), d.detach())
+    assert torch.equal(g, torch.tensor([1.0, 2.0, 3.0]))

@@ -464,18 +464,21 @@ def _refuse_shared_with_core(
     spans = []
     for side, entries in ((0, core), (1, others)):
         for gi, k in entries:
-            for t in works[gi].entry(k):
+            for role, t in enumerate(works[gi].entry(k)):
                 for inner in _inner_tensors(t):
                     sp = _span(inner)
                     if sp is not None:
-                        spans.append((sp[0], sp[1], sp[2], side, gi, k))
+                        # Gradients are read only (the core divides its own in place by
+                        # GradScaler's scale, after the other paths have read theirs).
+                        written = role != 1
+                        spans.append((sp[0], sp[1], sp[2], side, gi, k, written))
     spans.sort(key=lambda s: (str(s[0][0]), s[0][1], s[1]))
     open_: list[tuple[Any, ...]] = []
     for cur in spans:
         key, lo = cur[0], cur[1]
         open_ = [o for o in open_ if o[0] == key and o[2] > lo]
         for o in open_:
-            if o[3] != cur[3]:
+            if o[3] != cur[3] and (o[6] or cur[6]):
                 other, in_core = (cur, o) if cur[3] == 1 else (o, cur)
                 raise RuntimeError(
                     f"{works[other[4]].label(other[5])}: it shares memory with "
