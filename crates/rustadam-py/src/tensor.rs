@@ -53,6 +53,11 @@ pub(crate) struct Torch {
     untyped_storage: Py<PyAny>,
     storage_data_ptr: Py<PyAny>,
     storage_nbytes: Py<PyAny>,
+    /// `torch._C.StorageBase` and its C `__len__` (its size in bytes), called directly where
+    /// this Python exposes a static type's slots (3.10 and later) and it agrees with
+    /// `nbytes()`: a method call costs more than the rest of the check.
+    storage_base: Py<PyType>,
+    storage_len: Option<ffi::lenfunc>,
     /// Where torch has no one-call read (`dlpack::layout`): `TensorBase`'s getters of
     /// `layout`, `is_cpu`, `dtype` and `shape`, and its `stride` and `data_ptr` methods.
     attributes: [Py<PyAny>; 6],
@@ -97,6 +102,8 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
         untyped_storage: tensor_base.getattr("untyped_storage")?.unbind(),
         storage_data_ptr: storage_base.getattr("data_ptr")?.unbind(),
         storage_nbytes: storage_base.getattr("nbytes")?.unbind(),
+        storage_len: storage_len(py, &storage_base)?,
+        storage_base: storage_base.clone().cast_into::<PyType>()?.unbind(),
         attributes: [
             tensor_base.getattr("layout")?.unbind(),
             tensor_base.getattr("is_cpu")?.unbind(),
@@ -127,6 +134,34 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
         identity_hash,
     };
     Ok(TORCH.get_or_init(|| t))
+}
+
+/// `StorageBase`'s C `__len__`, where Python gives a static type's slots (3.10 and later) and
+/// it answers as `nbytes()` does on a probe; None otherwise.
+fn storage_len(py: Python<'_>, storage_base: &Bound<'_, PyAny>) -> PyResult<Option<ffi::lenfunc>> {
+    if py.version_info() < (3, 10) {
+        return Ok(None);
+    }
+    let ty = storage_base.cast::<PyType>()?;
+    // SAFETY: a live type object; the GIL is held. On 3.10 and later any type gives its slots.
+    let slot = unsafe { ffi::PyType_GetSlot(ty.as_type_ptr(), ffi::Py_sq_length) };
+    if slot.is_null() {
+        drop(PyErr::take(py));
+        return Ok(None);
+    }
+    // SAFETY: the `Py_sq_length` slot holds a `lenfunc`.
+    let len = unsafe { std::mem::transmute::<*mut std::ffi::c_void, ffi::lenfunc>(slot) };
+    let probe = py
+        .import("torch")?
+        .getattr("UntypedStorage")?
+        .call1((24,))?;
+    let nbytes: isize = storage_base
+        .getattr("nbytes")?
+        .call1((&probe,))?
+        .extract()?;
+    // SAFETY: `probe` is an instance of `StorageBase`, alive, with the GIL held.
+    let n = unsafe { len(probe.as_ptr()) };
+    Ok((n == nbytes && n == 24).then_some(len))
 }
 
 /// Torch-function modes and subclass handlers switched off for as long as it lives: an active
@@ -300,10 +335,25 @@ impl Torch {
 
     /// A storage's memory: its first byte and its size in bytes.
     fn storage_memory(&self, storage: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
-        Ok((
-            call_one(&self.storage_data_ptr, storage)?.extract()?,
-            call_one(&self.storage_nbytes, storage)?.extract()?,
-        ))
+        let base = call_one(&self.storage_data_ptr, storage)?.extract()?;
+        let py = storage.py();
+        let ty = storage.get_type_ptr();
+        let is_storage = || {
+            // SAFETY: both are live type objects; the GIL is held.
+            unsafe { ffi::PyType_IsSubtype(ty, self.storage_base.as_ptr().cast()) != 0 }
+        };
+        let nbytes = match self.storage_len {
+            Some(len) if is_storage() => {
+                // SAFETY: `len` is `StorageBase`'s own C `__len__` and `storage` an instance of
+                // it (checked just above), alive and with the GIL held.
+                let n = unsafe { len(storage.as_ptr()) };
+                usize::try_from(n).map_err(|_| {
+                    PyErr::take(py).unwrap_or_else(|| PyTypeError::new_err("a storage's size"))
+                })?
+            }
+            _ => call_one(&self.storage_nbytes, storage)?.extract()?,
+        };
+        Ok((base, nbytes))
     }
 
     /// Whether `ty` is exactly `torch.Tensor` or `torch.nn.Parameter` (no subclass).
