@@ -242,8 +242,9 @@ def run_groups(
     """Steps every group, all or nothing; returns the tensors the Rust core wrote in place.
 
     Order: route and check everything (the core reads and checks its buffers into one plan),
-    then the core, then the Triton kernel and foreach ops. An error in the checks leaves every
-    tensor as it was. With ``commit`` = (state dicts, step counts), each ``state["step"]`` is
+    compute the foreach ops' results (writing nothing), then the core, the Triton kernel, and
+    the foreach results written. An error in the checks or the foreach ops leaves every tensor
+    as it was. With ``commit`` = (state dicts, step counts), each ``state["step"]`` is
     set and the core's tensors get their autograd version bumps once the step is written:
     inside the core's call where it steps everything (so that no interrupt can land between
     the writes and the counts).
