@@ -439,3 +439,100 @@ def test_a_gradient_read_by_the_core_and_by_torchs_ops_is_taken():
     _rustadam([c, d], "auto").step()
     assert torch.equal(a.detach(), c.detach()) and torch.equal(b.detach(), d.detach())
     assert torch.equal(g, torch.tensor([1.0, 2.0, 3.0]))
+
+
+@pytest.mark.parametrize("backend", ["foreach", "auto"])
+def test_overlapping_parameters_of_two_groups_step_in_order(backend):
+    """torch's ops compute a group's results before writing them: parameters meeting one of
+    another group are stepped alone, after the groups before were written (the loop's order)."""
+
+    def run(backend, sub):
+        st = torch.arange(1.0, 9.0)
+        a, b = st[0:6], st[2:8]
+        if sub:
+            a, b = a.as_subclass(Sub), b.as_subclass(Sub)
+        pa, pb = torch.nn.Parameter(a), torch.nn.Parameter(b)
+        opt = _rustadam([{"params": [pa]}, {"params": [pb], "lr": 0.05}], backend)
+        for _ in range(2):
+            pa.grad, pb.grad = torch.ones(6), -0.5 * torch.ones(6)
+            opt.step()
+        return st
+
+    assert torch.equal(run(backend, sub=backend == "auto"), run("torch", sub=False))
+
+
+def test_a_parameter_aliasing_a_core_parameter_through_another_storage_is_refused():
+    """Memory is compared by address: two storages over one numpy array share it."""
+    import numpy as np
+
+    arr = np.arange(1.0, 9.0, dtype=np.float32)
+    a = torch.nn.Parameter(torch.from_numpy(arr[0:6]))
+    b = torch.nn.Parameter(torch.from_numpy(arr[2:8]).as_subclass(Sub))
+    a.grad, b.grad = torch.ones(6), torch.ones(6)
+    before = arr.copy()
+    with pytest.raises(RuntimeError, match=r"\['params'\]\[1\].*shares memory with .*\[0\]"):
+        _rustadam([a, b], "auto").step()
+    assert (arr == before).all()
+
+
+class Opaque(torch.Tensor):
+    """A wrapper subclass that does not say what it wraps (no ``__tensor_flatten__``)."""
+
+    @staticmethod
+    def __new__(cls, elem):
+        r = torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype)
+        r.elem = elem
+        return r
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+
+        def unwrap(x):
+            return x.elem if isinstance(x, Opaque) else x
+
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        if func._schema.is_mutable:
+            return None if func.__name__.startswith("_foreach") else args[0]
+
+        def wrap(x):
+            return Opaque(x) if isinstance(x, torch.Tensor) else x
+
+        return tree_map(wrap, out)
+
+
+def test_a_wrapper_whose_memory_cannot_be_seen_steps_after_the_core():
+    """Its results are computed once the core has written (as a loop reaching it later would):
+    wrapping a core parameter listed before it, it sees that parameter's update."""
+
+    def run(backend):
+        a = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+        w = torch.nn.Parameter(Opaque(a.data))
+        opt = _rustadam([a, w], backend)
+        for _ in range(2):
+            a.grad = torch.tensor([1.0, -1.0, 0.5])
+            w.grad = Opaque(torch.tensor([0.3, 0.2, -2.0]))
+            opt.step()
+        return a.detach().clone()
+
+    assert torch.equal(run("auto"), run("torch"))
+
+
+def test_a_parameter_the_core_leaves_to_torchs_ops_is_bumped_once():
+    """Its tensors are bumped by torch's ops that write them, not by the core's record too."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = _rustadam([a, b], "auto")
+
+    def grads():
+        a.grad = torch.ones(3)
+        b.grad = torch._neg_view(torch.ones(3))  # the core leaves a negative view to torch
+
+    grads()
+    opt.step()
+    tensors = [a, b, *(opt.state[p][k] for p in (a, b) for k in ("exp_avg", "exp_avg_sq"))]
+    before = [t._version for t in tensors]
+    grads()
+    opt.step()
+    assert [t._version - v for t, v in zip(tensors, before)] == [1] * 6

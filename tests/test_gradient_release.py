@@ -403,3 +403,14 @@ def test_a_parameter_listed_twice_is_refused_by_name():
     with pytest.raises(RuntimeError, match=twice):
         (p.sum() + q.sum()).backward()
     assert torch.equal(p.detach(), torch.ones(3)) and p not in opt.state
+
+
+def test_a_parameter_appended_twice_after_the_hooks_is_refused_at_once():
+    """The hooks' record follows the groups' lists: a duplicate appended later is refused at
+    the very next backward, not stepped once first."""
+    p, q = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = Adam([q, p], lr=0.1, gradient_release=True)
+    opt.param_groups[0]["params"].append(p)
+    with pytest.raises(RuntimeError, match="same tensor as"):
+        (p.sum() + q.sum()).backward()
+    assert torch.equal(p.detach(), torch.ones(2)) and p not in opt.state

@@ -571,6 +571,20 @@ def test_every_written_tensor_of_a_long_step_is_bumped_exactly_once(backend, ams
         saved.backward()
 
 
+@pytest.mark.parametrize("bad", [1, None, "p"])
+def test_execute_checks_what_it_will_bump_before_writing(bad):
+    """Plan.execute(written=...) refuses a list it could not bump before anything is written,
+    not after the step (which then half-recorded itself)."""
+    from rustadam import _core
+
+    p, g, m, v = torch.ones(4), torch.ones(4), torch.zeros(4), torch.zeros(4)
+    plan = _core.plan([(_core.Config(), [p], [g], [m], [v], None, None, [1], [0])])
+    state = {"step": 0}
+    with pytest.raises(TypeError, match=r"written\[1\] must be a torch.Tensor"):
+        plan.execute(num_threads=1, states=[state], steps=[1], written=[p, bad, m])
+    assert torch.equal(p, torch.ones(4)) and state == {"step": 0} and p._version == 0
+
+
 # ---- memory the optimizer no longer references -------------------------------------------------
 
 

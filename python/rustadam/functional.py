@@ -186,15 +186,31 @@ _ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "compensat
 
 
 def _span(t: torch.Tensor) -> Optional[tuple[Any, int, int]]:
-    """(storage, first byte, end byte) of a tensor's memory, None where it has none of its own
+    """(device, first byte, end byte) of a tensor's memory, by address (two storages may share
+    memory: ``torch.from_numpy`` of one array twice), None where it has none of its own
     (empty, on the meta device, or a wrapper)."""
     if t.numel() == 0 or t.device.type == "meta":
         return None
     try:
-        storage = (t.device, t.untyped_storage().data_ptr())
+        t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError, TypeError):  # wrapper subclasses
         return None
-    return (storage, *_foreach.extent(t, t.data_ptr()))
+    ptr = t.data_ptr()
+    return None if ptr == 0 else (str(t.device), *_foreach.extent(t, ptr))
+
+
+def _opaque(t: Any) -> bool:
+    """A tensor with elements but no memory this can see (a wrapper subclass that does not
+    say what it wraps)."""
+    return (
+        isinstance(t, torch.Tensor)
+        and t.numel() > 0
+        and t.device.type != "meta"
+        and any(
+            x.numel() > 0 and x.device.type != "meta" and _span(x) is None
+            for x in _inner_tensors(t)
+        )
+    )
 
 
 def _inner_tensors(t: Any, depth: int = 0) -> list[torch.Tensor]:
@@ -327,20 +343,18 @@ def run_groups(
         # What the core writes: parameters and states, and with GradScaler's scale the
         # gradients, which it divides in place (as torch's fused Adam leaves them) inside its
         # call, so that a refused step leaves them scaled.
-        for lists in core_in:
-            for ts in (lists[1], lists[3], lists[4], lists[5], lists[6]):
-                if ts:
-                    written.extend(t for t in ts if t is not None)
+        # Not those it left to the paths, which bump their own.
+        taken = set(deferred)
+        for gi, pos in enumerate(core_pos):
+            for k in pos:
+                if (gi, k) not in taken:
+                    p, g, *states = works[gi].entry(k)
+                    written += [p, *(t for t in states if t is not None)]
+                    if grad_scale is not None:
+                        written.append(g)
         options: dict[str, Any] = {"num_threads": threads(num_threads)}
         if grad_scale is not None:
             options["grad_scale"] = float(grad_scale)
-            taken = {(gi, k) for gi, k in deferred}
-            written.extend(
-                works[gi].grads[k]
-                for gi, pos in enumerate(core_pos)
-                for k in pos
-                if (gi, k) not in taken
-            )
         # Where the core steps everything, the step counts and version bumps are recorded
         # inside its call (no interrupt can land between the writes and them).
         inside = commit is not None and not other
@@ -414,10 +428,43 @@ def _check_paths(
         if seq:
             other[:] = [(g2, k, "foreach" if g2 == gi and k in seq else pth)
                         for g2, k, pth in other]  # fmt: skip
-        fe = _path_ks(other, gi, "foreach")
-        alone[gi, "foreach"] = [i for i, k in enumerate(fe) if k in seq]
-        alone[gi, "triton"] = []
+        alone[gi, "foreach"] = seq
+    # The paths compute each group's results before writing any: a parameter that meets one of
+    # another group (or whose memory cannot be seen) is stepped alone, after the groups before
+    # it were written, as torch's for-loop would.
+    late = _across_groups(works, other)
+    other[:] = [(g, k, "foreach" if (g, k) in late else pth) for g, k, pth in other]
+    for gi in range(len(works)):
+        if (gi, "foreach") in alone:
+            seq = alone[gi, "foreach"] | {k for g, k in late if g == gi}
+            fe = _path_ks(other, gi, "foreach")
+            alone[gi, "foreach"] = [i for i, k in enumerate(fe) if k in seq]
+            alone[gi, "triton"] = []
     return alone
+
+
+def _across_groups(works: list[GroupWork], other: list[tuple[int, int, str]]) -> set:
+    """The (group, position)s of ``other`` whose memory meets that of another group's where
+    one writes it, or cannot be seen."""
+    spans = []
+    late = set()
+    for gi, k, _ in other:
+        for role, t in enumerate(works[gi].entry(k)):
+            if _opaque(t):
+                late.add((gi, k))
+            for inner in _inner_tensors(t):
+                sp = _span(inner)
+                if sp is not None:
+                    spans.append((sp[0], sp[1], sp[2], gi, k, role != 1))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    open_: list[tuple[Any, ...]] = []
+    for cur in spans:
+        open_ = [o for o in open_ if o[0] == cur[0] and o[2] > cur[1]]
+        for o in open_:
+            if o[3] != cur[3] and (o[5] or cur[5]):
+                late.update({(o[3], o[4]), (cur[3], cur[4])})
+        open_.append(cur)
+    return late
 
 
 def _step_error(works: list[GroupWork], core_pos: list[list[int]], e: Any) -> RuntimeError:
@@ -473,7 +520,7 @@ def _refuse_shared_with_core(
                         # GradScaler's scale, after the other paths have read theirs).
                         written = role != 1
                         spans.append((sp[0], sp[1], sp[2], side, gi, k, written))
-    spans.sort(key=lambda s: (str(s[0][0]), s[0][1], s[1]))
+    spans.sort(key=lambda s: (s[0], s[1]))
     open_: list[tuple[Any, ...]] = []
     for cur in spans:
         key, lo = cur[0], cur[1]

@@ -447,6 +447,7 @@ class Adam(Optimizer):
             weakref.finalize(self, _remove_hooks, handles)
         where = self.__dict__["_release_where"] = {}
         twice = self.__dict__["_release_twice"] = {}
+        self.__dict__["_release_sizes"] = _sizes(self.param_groups)
         me = weakref.ref(self)
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
@@ -464,7 +465,7 @@ class Adam(Optimizer):
         """Steps ``param`` with its fresh gradient, then frees the gradient."""
         at = self.__dict__.get("_release_where", {}).get(id(param))
         groups = self.param_groups
-        if not _placed(groups, at, param):
+        if not _placed(groups, at, param) or self.__dict__.get("_release_sizes") != _sizes(groups):
             self._hook_params()  # the groups changed since the hooks were placed
             at = self.__dict__["_release_where"].get(id(param))
             if at is None:
@@ -965,6 +966,11 @@ def _remove_hooks(handles: dict[int, Any]) -> None:
     for _param, hook in handles.values():
         hook.remove()
     handles.clear()
+
+
+def _sizes(groups: list[dict[str, Any]]) -> list[int]:
+    """How many parameters each group lists (a change means the hooks' record is stale)."""
+    return [len(g["params"]) for g in groups]
 
 
 def _placed(groups: list[dict[str, Any]], at: Optional[tuple[int, int]], param: Any) -> bool:

@@ -956,6 +956,9 @@ impl Plan {
             ));
         }
         let opts = threads::options(threads::count(&num_threads)?, pool, simd)?;
+        if let Some(w) = &written {
+            tensor::torch(py)?.check_tensors(w)?;
+        }
         self.check_in_place(py)?;
         self.run(py, opts, false, grad_scale)?;
         commit(py, states.into_iter().zip(steps), written.as_ref())

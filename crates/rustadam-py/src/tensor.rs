@@ -318,6 +318,22 @@ impl Torch {
         Ok(self.tensor.bind(py).getattr(key)?.is(f) && self.parameter.bind(py).getattr(key)?.is(f))
     }
 
+    /// TypeError unless every entry of `written` is a tensor: checked before a step writes
+    /// anything, so that its version bumps cannot fail part way after the writes.
+    pub(crate) fn check_tensors(&self, written: &Bound<'_, PyList>) -> PyResult<()> {
+        let tensor = self.tensor.as_ptr().cast::<ffi::PyTypeObject>();
+        for (i, t) in written.iter().enumerate() {
+            // SAFETY: live type objects; the GIL is held. No Python code runs.
+            if unsafe { ffi::PyType_IsSubtype(t.get_type_ptr(), tensor) } == 0 {
+                return Err(PyTypeError::new_err(format!(
+                    "written[{i}] must be a torch.Tensor, not {}",
+                    t.get_type().name()?
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Bumps the version counter of every tensor of `written` (autograd then refuses a backward
     /// through a graph that saved one of them before the step). torch's loop waits on each
     /// tensor's lines in turn, cold after a step streamed its data through the caches (about
