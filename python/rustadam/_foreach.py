@@ -321,7 +321,7 @@ def check(
             why = _refusal(r, t, dtype, p.device, shape)
             if why is not None:
                 raise RuntimeError(f"{name(i)}: {why}")
-            sp = _span(t)
+            sp = span(t)
             if sp is not None:
                 lo.append(sp[0])
                 hi.append(sp[1])
@@ -401,7 +401,7 @@ def _self_overlaps(t: torch.Tensor) -> bool:
     return False
 
 
-def _span(t: torch.Tensor) -> Optional[tuple[int, int]]:
+def span(t: torch.Tensor) -> Optional[tuple[int, int]]:
     """The bytes ``[lo, hi)`` a tensor's view reaches, or None where it has no memory of its own
     to reach (empty, or a wrapper subclass without storage)."""
     try:
@@ -444,7 +444,7 @@ def _overlaps(
     for i in owners:
         for r, t in _buffers(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                              compensations):  # fmt: skip
-            sp = _span(t)
+            sp = span(t)
             if sp is not None:
                 spans.append((sp[0], sp[1], i, r))
     spans.sort()

@@ -189,14 +189,8 @@ def _span(t: torch.Tensor) -> Optional[tuple[Any, int, int]]:
     """(device, first byte, end byte) of a tensor's memory, by address (two storages may share
     memory: ``torch.from_numpy`` of one array twice), None where it has none of its own
     (empty, on the meta device, or a wrapper)."""
-    if t.numel() == 0 or t.device.type == "meta":
-        return None
-    try:
-        t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):  # wrapper subclasses
-        return None
-    ptr = t.data_ptr()
-    return None if ptr == 0 else (str(t.device), *_foreach.extent(t, ptr))
+    sp = _foreach.span(t)
+    return None if sp is None else (str(t.device), *sp)
 
 
 def _opaque(t: Any) -> bool:
