@@ -440,24 +440,10 @@ def _check_paths(
 def _across_groups(works: list[GroupWork], other: list[tuple[int, int, str]]) -> set:
     """The (group, position)s of ``other`` whose memory meets that of another group's where
     one writes it, or cannot be seen."""
-    spans = []
-    late = set()
-    for gi, k, _ in other:
-        for role, t in enumerate(works[gi].entry(k)):
-            if _opaque(t):
-                late.add((gi, k))
-            for inner in _inner_tensors(t):
-                sp = _span(inner)
-                if sp is not None:
-                    spans.append((sp[0], sp[1], sp[2], gi, k, role != 1))
-    spans.sort(key=lambda s: (s[0], s[1]))
-    open_: list[tuple[Any, ...]] = []
-    for cur in spans:
-        open_ = [o for o in open_ if o[0] == cur[0] and o[2] > cur[1]]
-        for o in open_:
-            if o[3] != cur[3] and (o[5] or cur[5]):
-                late.update({(o[3], o[4]), (cur[3], cur[4])})
-        open_.append(cur)
+    late = {(gi, k) for gi, k, _ in other if any(_opaque(t) for t in works[gi].entry(k))}
+    owners = [(0, gi, k) for gi, k, _ in other]
+    for a, b in _meetings(works, owners, lambda a, b: a[1] != b[1]):
+        late.update({a[1:], b[1:]})
     return late
 
 
@@ -501,34 +487,42 @@ def _refuse_shared_with_core(
     results computed before the core writes and written after it: one of those sharing memory
     with a core parameter (a wrapper subclass through the tensors it wraps) would not be
     stepped in the parameters' order, as torch's for-loop steps them."""
-    # One sweep over the spans sorted by storage and first byte (not every pair: groups of
+    owners = [(0, gi, k) for gi, k in core] + [(1, gi, k) for gi, k in others]
+    for a, b in _meetings(works, owners, lambda a, b: a[0] != b[0]):
+        other, in_core = (b, a) if b[0] == 1 else (a, b)
+        raise RuntimeError(
+            f"{works[other[1]].label(other[2])}: it shares memory with "
+            f"{works[in_core[1]].label(in_core[2])}, "
+            "which the Rust core steps while this one takes torch's ops, so that "
+            "their order cannot be kept; step them with backend='torch'"
+        )
+
+
+def _meetings(
+    works: list[GroupWork], owners: list[tuple[int, int, int]], apart: Callable[[Any, Any], bool]
+) -> list[tuple[Any, Any]]:
+    """The pairs of ``owners`` (tag, group, position) for which ``apart`` holds whose buffers'
+    memory meets where one of them writes it (gradients are only read: the core divides its own
+    by GradScaler's scale after the other paths have read theirs). A wrapper subclass is seen
+    through the tensors it wraps."""
+    # One sweep over the spans sorted by device and first byte (not every pair: groups of
     # thousands of parameters stay linear), keeping those still open.
     spans = []
-    for side, entries in ((0, core), (1, others)):
-        for gi, k in entries:
-            for role, t in enumerate(works[gi].entry(k)):
-                for inner in _inner_tensors(t):
-                    sp = _span(inner)
-                    if sp is not None:
-                        # Gradients are read only (the core divides its own in place by
-                        # GradScaler's scale, after the other paths have read theirs).
-                        written = role != 1
-                        spans.append((sp[0], sp[1], sp[2], side, gi, k, written))
-    spans.sort(key=lambda s: (s[0], s[1]))
+    for owner in owners:
+        for role, t in enumerate(works[owner[1]].entry(owner[2])):
+            for inner in _inner_tensors(t):
+                sp = _span(inner)
+                if sp is not None:
+                    spans.append((sp, owner, role != 1))
+    spans.sort(key=lambda s: (s[0][0], s[0][1]))
+    found = []
     open_: list[tuple[Any, ...]] = []
     for cur in spans:
-        key, lo = cur[0], cur[1]
-        open_ = [o for o in open_ if o[0] == key and o[2] > lo]
-        for o in open_:
-            if o[3] != cur[3] and (o[6] or cur[6]):
-                other, in_core = (cur, o) if cur[3] == 1 else (o, cur)
-                raise RuntimeError(
-                    f"{works[other[4]].label(other[5])}: it shares memory with "
-                    f"{works[in_core[4]].label(in_core[5])}, "
-                    "which the Rust core steps while this one takes torch's ops, so that "
-                    "their order cannot be kept; step them with backend='torch'"
-                )
+        (device, lo, _hi), owner, writes = cur
+        open_ = [o for o in open_ if o[0][0] == device and o[0][2] > lo]
+        found += [(o[1], owner) for o in open_ if (o[2] or writes) and apart(o[1], owner)]
         open_.append(cur)
+    return found
 
 
 def _lists(w: GroupWork, ks: list[int]) -> tuple[Any, ...]:
