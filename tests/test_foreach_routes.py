@@ -503,14 +503,15 @@ class Opaque(torch.Tensor):
         return tree_map(wrap, out)
 
 
-def test_a_wrapper_whose_memory_cannot_be_seen_steps_after_the_core():
-    """Its results are computed once the core has written (as a loop reaching it later would):
-    wrapping a core parameter listed before it, it sees that parameter's update."""
+@pytest.mark.parametrize("wrapper_first", [False, True])
+def test_a_wrapper_whose_memory_cannot_be_seen_steps_in_the_loops_order(wrapper_first):
+    """Nothing can tell what it aliases: the step takes the loop's order, one parameter at a
+    time, so that wrapping a core parameter listed before or after it gives torch's result."""
 
     def run(backend):
         a = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
         w = torch.nn.Parameter(Opaque(a.data))
-        opt = _rustadam([a, w], backend)
+        opt = _rustadam([w, a] if wrapper_first else [a, w], backend)
         for _ in range(2):
             a.grad = torch.tensor([1.0, -1.0, 0.5])
             w.grad = Opaque(torch.tensor([0.3, 0.2, -2.0]))
@@ -518,6 +519,44 @@ def test_a_wrapper_whose_memory_cannot_be_seen_steps_after_the_core():
         return a.detach().clone()
 
     assert torch.equal(run("auto"), run("torch"))
+    assert torch.equal(run("foreach"), run("torch"))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("backend", ["auto", "foreach"])
+def test_wrappers_sharing_what_they_wrap_step_in_order(groups, backend):
+    """Two wrapper subclasses wrapping one tensor overlap through it, in one group or two."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    def run(backend):
+        x = torch.tensor([1.0, 2.0, 3.0])
+        p = torch.nn.Parameter(TwoTensor(x, torch.zeros(3)))
+        q = torch.nn.Parameter(TwoTensor(x, torch.ones(3)))
+        spec = [{"params": [p, q]}] if groups == 1 else [{"params": [p]}, {"params": [q]}]
+        opt = Adam(spec, lr=0.1, eps=1e-8, weight_decay=WeightDecay(0.5), backend=backend)
+        for _ in range(2):
+            p.grad = TwoTensor(torch.ones(3), torch.ones(3))
+            q.grad = TwoTensor(-torch.ones(3), torch.ones(3))
+            opt.step()
+        return x
+
+    assert torch.equal(run(backend), run("torch"))
+
+
+class Flat(torch.Tensor):
+    """A subclass with memory of its own that says it wraps nothing."""
+
+    def __tensor_flatten__(self):
+        return [], None
+
+
+def test_a_subclass_saying_it_wraps_nothing_still_shows_its_own_memory():
+    x = torch.tensor([1.0, 2.0, 3.0])
+    a, f = torch.nn.Parameter(x), torch.nn.Parameter(x.as_subclass(Flat))
+    a.grad, f.grad = torch.ones(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match=r"shares memory with"):
+        _rustadam([{"params": [a]}, {"params": [f]}], "auto").step()
+    assert torch.equal(x, torch.tensor([1.0, 2.0, 3.0]))
 
 
 def test_a_parameter_the_core_leaves_to_torchs_ops_is_bumped_once():

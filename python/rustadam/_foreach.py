@@ -321,10 +321,11 @@ def check(
             why = _refusal(r, t, dtype, p.device, shape)
             if why is not None:
                 raise RuntimeError(f"{name(i)}: {why}")
-            sp = span(t)
-            if sp is not None:
-                lo.append(sp[0])
-                hi.append(sp[1])
+            for x in inner_tensors(t):  # a wrapper subclass: the memory it wraps
+                sp = span(x)
+                if sp is not None:
+                    lo.append(sp[0])
+                    hi.append(sp[1])
     alone: set[int] = set()
     for key, lo in los.items():
         # Nonempty spans are pairwise disjoint iff, with their first and end bytes sorted
@@ -413,6 +414,24 @@ def span(t: torch.Tensor) -> Optional[tuple[int, int]]:
     return extent(t, ptr)
 
 
+def inner_tensors(t: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The tensors holding ``t``'s memory: itself where it has memory of its own, and for a
+    subclass that says what it wraps (``__tensor_flatten__``) those tensors, recursively; a
+    wrapper that does not say is itself (with no memory to see)."""
+    if not isinstance(t, torch.Tensor):
+        return []
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or depth > 8:
+        return [t]
+    try:
+        names, _ctx = flatten()
+        inner = [getattr(t, name) for name in names]
+    except Exception:  # a subclass whose flattening fails: its own memory, if any
+        return [t]
+    own = [t] if span(t) is not None else []
+    return own + [x for i in inner for x in inner_tensors(i, depth + 1)]
+
+
 def extent(t: torch.Tensor, ptr: int) -> tuple[int, int]:
     """The bytes ``[lo, hi)`` a non-empty view whose first element is at ``ptr`` reaches."""
     if t.is_contiguous():
@@ -444,17 +463,18 @@ def _overlaps(
     for i in owners:
         for r, t in _buffers(i, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
                              compensations):  # fmt: skip
-            sp = span(t)
-            if sp is not None:
-                spans.append((sp[0], sp[1], i, r))
+            for x in inner_tensors(t):
+                sp = span(x)
+                if sp is not None:
+                    spans.append((sp[0], sp[1], i, r))
     spans.sort()
     active: list[tuple[int, int, int, int]] = []
     for cur in spans:
         lo, _, i, r = cur
         active = [a for a in active if a[1] > lo]
         for _, _, j, q in active:
-            if r == q == _GRAD:
-                continue  # both only read
+            if r == q == _GRAD or (i, r) == (j, q):
+                continue  # both only read, or two tensors one wrapper subclass wraps
             if i == j:
                 raise RuntimeError(f"{name(i)}: its {_ROLES[r]} shares memory with its {_ROLES[q]}")
             alone.add(i)

@@ -193,34 +193,19 @@ def _span(t: torch.Tensor) -> Optional[tuple[Any, int, int]]:
     return None if sp is None else (str(t.device), *sp)
 
 
-def _opaque(t: Any) -> bool:
+def opaque(t: Any) -> bool:
     """A tensor with elements but no memory this can see (a wrapper subclass that does not
-    say what it wraps)."""
+    say what it wraps): nothing can tell what it overlaps."""
     return (
         isinstance(t, torch.Tensor)
+        and t.layout == torch.strided  # others are refused by the checks, by name
         and t.numel() > 0
         and t.device.type != "meta"
         and any(
             x.numel() > 0 and x.device.type != "meta" and _span(x) is None
-            for x in _inner_tensors(t)
+            for x in _foreach.inner_tensors(t)
         )
     )
-
-
-def _inner_tensors(t: Any, depth: int = 0) -> list[torch.Tensor]:
-    """The tensors holding ``t``'s memory: itself, or for a wrapper subclass (which has no
-    storage of its own) the tensors it wraps (``__tensor_flatten__``), recursively."""
-    if not isinstance(t, torch.Tensor):
-        return []
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is None or depth > 8:
-        return [t]
-    try:
-        names, _ctx = flatten()
-        inner = [getattr(t, name) for name in names]
-    except Exception:  # a subclass whose flattening fails: its own memory, if any
-        return [t]
-    return [x for i in inner for x in _inner_tensors(i, depth + 1)]
 
 
 def param_label(gi: int, group: dict[str, Any], i: int, param: torch.Tensor) -> str:
@@ -440,7 +425,7 @@ def _check_paths(
 def _across_groups(works: list[GroupWork], other: list[tuple[int, int, str]]) -> set:
     """The (group, position)s of ``other`` whose memory meets that of another group's where
     one writes it, or cannot be seen."""
-    late = {(gi, k) for gi, k, _ in other if any(_opaque(t) for t in works[gi].entry(k))}
+    late = {(gi, k) for gi, k, _ in other if any(opaque(t) for t in works[gi].entry(k))}
     owners = [(0, gi, k) for gi, k, _ in other]
     for a, b in _meetings(works, owners, lambda a, b: a[1] != b[1]):
         late.update({a[1:], b[1:]})
@@ -510,7 +495,7 @@ def _meetings(
     spans = []
     for owner in owners:
         for role, t in enumerate(works[owner[1]].entry(owner[2])):
-            for inner in _inner_tensors(t):
+            for inner in _foreach.inner_tensors(t):
                 sp = _span(inner)
                 if sp is not None:
                     spans.append((sp, owner, role != 1))

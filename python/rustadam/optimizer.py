@@ -508,6 +508,9 @@ class Adam(Optimizer):
             )
             if written is not None:
                 return
+        # A wrapper subclass that does not say what it wraps may alias anything: the loop's
+        # order, one parameter at a time, is the one that is right whatever it aliases.
+        per_param = per_param or self._any_opaque(groups)
         created: list[torch.Tensor] = []
         try:
             if per_param:
@@ -715,6 +718,19 @@ class Adam(Optimizer):
                 written.extend(v for v in state.values() if isinstance(v, torch.Tensor))
             if written:
                 torch._C._increment_version(written)
+
+    def _any_opaque(self, groups: list[tuple[int, dict[str, Any]]]) -> bool:
+        """Whether a parameter with a gradient, its gradient or a state tensor has memory
+        nothing can see (``functional.opaque``)."""
+        for _gi, group in groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state.get(p)
+                held = state.values() if isinstance(state, dict) else ()
+                if any(functional.opaque(t) for t in (p, p.grad, *held)):
+                    return True
+        return False
 
     def _skip_for_inf(self) -> bool:
         """GradScaler found inf/NaN gradients: the step changes nothing (step counts included)."""
