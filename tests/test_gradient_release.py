@@ -414,3 +414,15 @@ def test_a_parameter_appended_twice_after_the_hooks_is_refused_at_once():
     with pytest.raises(RuntimeError, match="same tensor as"):
         (p.sum() + q.sum()).backward()
     assert torch.equal(p.detach(), torch.ones(2)) and p not in opt.state
+
+
+def test_a_duplicate_made_by_replacing_an_entry_is_refused_at_step():
+    """Replacing an entry keeps the lists' lengths, which the hooks watch: the next step()
+    refuses the duplicate by name (the backward before it stepped it once)."""
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = Adam([a, b], lr=0.1, gradient_release=True)
+    opt.param_groups[0]["params"][1] = a
+    a.sum().backward()
+    twice = r"\['params'\]\[1\].*same tensor as .*\['params'\]\[0\]"
+    with pytest.raises(RuntimeError, match=twice):
+        opt.step()

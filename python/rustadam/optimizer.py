@@ -402,6 +402,7 @@ class Adam(Optimizer):
             # requires_grad or a gradient by hand since the hooks were placed): it is stepped
             # here, as torch.optim.Adam would, and hooked for the next backward.
             self._hook_params()
+            self._refuse_twice()  # listed twice by a change the hooks could not see
             pending = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             if pending:
                 self._locked(self._step_all)
@@ -461,6 +462,19 @@ class Adam(Optimizer):
                     hook = p.register_post_accumulate_grad_hook(functools.partial(_released, me))
                     handles[id(p)] = (weakref.ref(p), hook)
 
+    def _refuse_twice(self, key: Optional[int] = None) -> None:
+        """RuntimeError naming a parameter the groups list twice (the one of id ``key``, or
+        any), as the usual step refuses it."""
+        twice = self.__dict__.get("_release_twice", {})
+        for k, ((g1, i1), (g2, i2)) in twice.items():
+            if key is None or k == key:
+                groups = self.param_groups
+                p = groups[g2]["params"][i2]
+                raise RuntimeError(
+                    f"{param_label(g2, groups[g2], i2, p)}: it is the same tensor as "
+                    f"{param_label(g1, groups[g1], i1, p)}; list each parameter once"
+                )
+
     def _release(self, param: torch.Tensor) -> None:
         """Steps ``param`` with its fresh gradient, then frees the gradient."""
         at = self.__dict__.get("_release_where", {}).get(id(param))
@@ -470,12 +484,7 @@ class Adam(Optimizer):
             at = self.__dict__["_release_where"].get(id(param))
             if at is None:
                 return  # no longer optimized here
-        if id(param) in self.__dict__.get("_release_twice", {}):
-            (g1, i1), (g2, i2) = self.__dict__["_release_twice"][id(param)]
-            raise RuntimeError(
-                f"{param_label(g2, groups[g2], i2, param)}: it is the same tensor as "
-                f"{param_label(g1, groups[g1], i1, param)}; list each parameter once"
-            )
+        self._refuse_twice(id(param))
         with torch.no_grad():
             self._locked(self._step_all, at)
         param.grad = None
