@@ -355,6 +355,8 @@ def _check_state(s: Any, i: int) -> None:
 def _number(name: str, x: Any) -> float:
     """A hyper-parameter as a float: a real number (numpy's too, or a 1-element real array),
     never a bool or a string such as "0.1"."""
+    if type(x) is float or type(x) is int:  # the usual case: no ABC checks
+        return float(x)
     real = isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
     if not real and not (isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu"):
         raise TypeError(f"{name} must be a real number, got {x!r}")

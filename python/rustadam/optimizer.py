@@ -1020,6 +1020,8 @@ def _is_number(x: Any) -> bool:
 def _real_number(name: str, x: Any) -> float:
     """``x`` as a float if it is a real number (see ``_is_number``); TypeError otherwise (a
     string "0.1" is not converted, as torch.optim.Adam does not take one)."""
+    if type(x) is float or type(x) is int:  # the usual case, read at every step: no ABC checks
+        return float(x)
     if not _is_number(x):
         raise TypeError(f"{name} must be a real number or a 1-element real tensor, got {x!r}")
     return float(x.item() if isinstance(x, np.ndarray) else x)
