@@ -459,7 +459,7 @@ def test_hyperparameters_must_be_numbers(kw):
         (lambda s: s.__setitem__("step", -1), "step must be an int from 0 to .* got -1"),
         (lambda s: s.__setitem__("step", True), "step must be an int from 0 to .* got True"),
         (lambda s: s.__setitem__("step", "1"), "step must be an int from 0 to .* got '1'"),
-        (lambda s: s.pop("exp_avg"), "must have the keys 'step', 'exp_avg' and 'exp_avg_sq'"),
+        (lambda s: s.pop("exp_avg"), "with the keys 'step', 'exp_avg' and 'exp_avg_sq'"),
     ],
 )
 def test_a_bad_state_set_between_steps_changes_nothing(edit, message):
@@ -551,3 +551,62 @@ def test_adam_names_parameters_by_their_index_when_some_have_no_gradient():
     with pytest.raises(ValueError, match=r"^params\[2\] is read-only"):
         opt.step([np.zeros(3), None, np.zeros(5)])
     assert opt.state == {}
+
+
+def test_two_threads_stepping_one_optimizer_never_lose_a_count():
+    """Each call either raises RuntimeError (another step runs) or counts once: the step
+    counts are read before the arrays are claimed, so two steps at once could both count from
+    the same t (a wrong bias correction, silently)."""
+    import threading
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(4):
+            params = [np.ones(20_000, np.float32) for _ in range(4)]
+            opt = Adam(params, lr=1e-3)
+            grads = [np.ones(20_000, np.float32) for _ in range(4)]
+            done = [0, 0]
+
+            def work(k, opt=opt, grads=grads, done=done):
+                for _ in range(50):
+                    try:
+                        opt.step(grads)
+                        done[k] += 1
+                    except RuntimeError as e:
+                        assert "already running" in str(e)
+
+            threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert [opt.state[i]["step"] for i in range(4)] == [sum(done)] * 4
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_state_and_state_dict_entries_are_refused_by_name():
+    from types import MappingProxyType
+
+    opt = Adam([np.ones(3)])
+    opt.step([np.ones(3)])
+    good = opt.state[0]
+    opt.state[0] = MappingProxyType(dict(good))
+    with pytest.raises(ValueError, match="state of parameter 0 must be a dict"):
+        opt.step([np.ones(3)])
+    opt.state[0] = dict(good, step=np.int8(127))  # counted past int8's range, not wrapped
+    opt.step([np.ones(3)])
+    assert opt.state[0]["step"] == 128
+    sd = opt.state_dict()
+    entry = sd["state"][0]
+    for bad, message in [
+        ({True: entry}, "key True is not a parameter index"),
+        ({0: entry, "0": entry}, "two states for parameter 0"),
+        ({0: dict(entry, exp_avg=entry["exp_avg"] + 1j)}, "exp_avg has dtype complex128"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict({**sd, "state": bad})
+    assert opt.state[0]["step"] == 128
+    with pytest.raises(ValueError, match=r"lr is 1000.*beyond the range of a float"):
+        adam_step(*fresh(), 1, lr=10**400)

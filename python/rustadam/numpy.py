@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import numbers
 import operator
+import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
@@ -219,7 +221,10 @@ class Adam:
         Every array is checked before anything is written: on an error no parameter, moment or
         step count changes.
         """
-        grads = list(grads)
+        with _only_step(self):
+            self._step(list(grads))
+
+    def _step(self, grads: list[Optional[np.ndarray]]) -> None:
         if len(grads) != len(self.params):
             raise ValueError(f"step() got {len(grads)} gradients for {len(self.params)} parameters")
         config = _config(
@@ -247,7 +252,7 @@ class Adam:
                 [grads[i] for i in idx],
                 [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states],
-                [s["step"] + 1 for s in states],
+                [int(s["step"]) + 1 for s in states],  # a numpy int would wrap
                 config,
                 num_threads=self.num_threads,
                 states=states,
@@ -300,6 +305,8 @@ class Adam:
         state: dict[int, dict[str, Any]] = {}
         for key, s in dict(state_dict["state"]).items():
             i = _index(key, len(self.params))
+            if i in state:
+                raise ValueError(f"state_dict['state'] has two states for parameter {i}")
             p = self.params[i]
             _check_state(s, i)
             loaded = {"step": int(s["step"])}
@@ -309,6 +316,11 @@ class Adam:
                     raise ValueError(
                         f"state of parameter {i}: {name} has shape {a.shape} but the parameter "
                         f"has shape {p.shape}"
+                    )
+                if a.dtype.kind not in "fiu":  # a complex moment would lose its imaginary part
+                    raise ValueError(
+                        f"state of parameter {i}: {name} has dtype {a.dtype}; it is cast to the "
+                        f"parameter's {p.dtype}, which holds real numbers"
                     )
                 loaded[name] = np.array(a, dtype=p.dtype, order="C", copy=True)
             state[i] = loaded
@@ -336,9 +348,10 @@ def _check_param(p: Any, name: str) -> None:
 def _check_state(s: Any, i: int) -> None:
     """Parameter ``i``'s state: the three entries, ``step`` an int the next update can count
     past (ValueError naming the parameter and the entry)."""
-    if not isinstance(s, Mapping) or set(s) != {"step", "exp_avg", "exp_avg_sq"}:
+    if not isinstance(s, dict) or set(s) != {"step", "exp_avg", "exp_avg_sq"}:
         raise ValueError(
-            f"state of parameter {i} must have the keys 'step', 'exp_avg' and 'exp_avg_sq'"
+            f"state of parameter {i} must be a dict with the keys 'step', 'exp_avg' and "
+            "'exp_avg_sq'"
         )
     step = s["step"]
     if (
@@ -355,12 +368,36 @@ def _check_state(s: Any, i: int) -> None:
 def _number(name: str, x: Any) -> float:
     """A hyper-parameter as a float: a real number (numpy's too, or a 1-element real array),
     never a bool or a string such as "0.1"."""
-    if type(x) is float or type(x) is int:  # the usual case: no ABC checks
-        return float(x)
-    real = isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
-    if not real and not (isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu"):
-        raise TypeError(f"{name} must be a real number, got {x!r}")
-    return float(x.item() if isinstance(x, np.ndarray) else x)
+    if type(x) is not float and type(x) is not int:  # the usual case skips the ABC checks
+        real = isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+        if not real and not (isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu"):
+            raise TypeError(f"{name} must be a real number, got {x!r}")
+    try:
+        return float(x.item() if isinstance(x, np.ndarray) else x)
+    except OverflowError:
+        raise ValueError(f"{name} is {x!r}, beyond the range of a float") from None
+
+
+class _only_step:
+    """The optimizer's one step in progress: RuntimeError if another runs (the step counts are
+    read before the arrays are claimed, so two at once could both count from the same t)."""
+
+    def __init__(self, opt: Adam) -> None:
+        pid = os.getpid()
+        held = opt.__dict__.get("_step_lock")
+        if held is None or held[0] != pid:  # a child of fork() gets a lock of its own
+            held = opt.__dict__["_step_lock"] = (pid, threading.Lock())
+        self.lock = held[1]
+
+    def __enter__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            raise RuntimeError(
+                "rustadam.numpy.Adam.step() is already running on this optimizer (in another "
+                "thread, or called again from within); step one optimizer at a time"
+            )
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release()
 
 
 def _fresh_state(p: np.ndarray) -> dict[str, Any]:
@@ -370,6 +407,8 @@ def _fresh_state(p: np.ndarray) -> dict[str, Any]:
 def _index(key: Any, n: int) -> int:
     """A state key (an int, or its decimal string after a JSON round trip) as a parameter index."""
     try:
+        if isinstance(key, (bool, np.bool_)):
+            raise TypeError("a bool is not an index")
         i = int(key) if isinstance(key, str) else operator.index(key)
     except (TypeError, ValueError):
         raise ValueError(f"state_dict['state'] key {key!r} is not a parameter index") from None

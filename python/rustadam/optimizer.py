@@ -428,8 +428,8 @@ class Adam(Optimizer):
         lock = held[1]
         if not lock.acquire(blocking=False):
             raise RuntimeError(
-                "rustadam.Adam.step() is already running on this optimizer in another thread; "
-                "step one optimizer from one thread at a time"
+                "rustadam.Adam.step() is already running on this optimizer (in another "
+                "thread, or called again from within); step one optimizer at a time"
             )
         try:
             fn(*args)
@@ -1020,11 +1020,13 @@ def _is_number(x: Any) -> bool:
 def _real_number(name: str, x: Any) -> float:
     """``x`` as a float if it is a real number (see ``_is_number``); TypeError otherwise (a
     string "0.1" is not converted, as torch.optim.Adam does not take one)."""
-    if type(x) is float or type(x) is int:  # the usual case, read at every step: no ABC checks
-        return float(x)
-    if not _is_number(x):
+    # The usual case, read at every step, skips the ABC checks.
+    if type(x) is not float and type(x) is not int and not _is_number(x):
         raise TypeError(f"{name} must be a real number or a 1-element real tensor, got {x!r}")
-    return float(x.item() if isinstance(x, np.ndarray) else x)
+    try:
+        return float(x.item() if isinstance(x, np.ndarray) else x)
+    except OverflowError:
+        raise ValueError(f"{name} is {x!r}, beyond the range of a float") from None
 
 
 def _check_decoupled_key(gi: int, group: dict[str, Any], decay: Any) -> None:
