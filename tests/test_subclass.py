@@ -349,3 +349,48 @@ def test_subclass_defaults_extended() -> None:
     for key, value in expected.items():
         assert opt.defaults[key] == value
         assert opt.param_groups[0][key] == value
+
+
+class RaisesOnSecond(Adam):
+    """An override that raises part way through a step (on the second parameter it is asked
+    about), after the first parameter was stepped and the second's moments were updated."""
+
+    calls = 0
+
+    def get_lr(self, state: dict[str, Any], group: dict[str, Any]) -> float:
+        RaisesOnSecond.calls += 1
+        if RaisesOnSecond.calls == 2:
+            raise ValueError("boom in get_lr")
+        return super().get_lr(state, group)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "grad_scale"])
+@pytest.mark.parametrize("first", [True, False], ids=["first-step", "later-step"])
+def test_an_error_of_an_override_part_way_changes_nothing(scaled: bool, first: bool) -> None:
+    """The per-parameter path puts back what it wrote before the error: parameters, moments,
+    step counts and (with GradScaler's scale) gradients; a first step leaves no state."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+    opt = RaisesOnSecond(ps, lr=0.1)
+    if not first:
+        for p in ps:
+            p.grad = torch.randn(3)
+        RaisesOnSecond.calls = -10
+        opt.step()
+    for p in ps:
+        p.grad = torch.randn(3) * 8
+    if scaled:
+        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+    before = [(p.detach().clone(), p.grad.clone()) for p in ps]
+    states = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+              for p, s in opt.state.items()}  # fmt: skip
+    RaisesOnSecond.calls = 0
+    with pytest.raises(ValueError, match="boom"):
+        opt.step()
+    for p, (value, grad) in zip(ps, before):
+        assert torch.equal(p.detach(), value) and torch.equal(p.grad, grad)
+    assert opt.state.keys() == states.keys()
+    for p, s in states.items():
+        assert opt.state[p].keys() == s.keys()
+        for k, v in s.items():
+            assert torch.equal(opt.state[p][k], v) if torch.is_tensor(v) else opt.state[p][k] == v

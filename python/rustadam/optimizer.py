@@ -650,7 +650,6 @@ class Adam(Optimizer):
                 state = self._state(gi, group, i, param, created)
                 t = self._check_per_param(base, gi, group, i, param, grad, state)
                 todo.append((group, state, grad, param, t))
-        self._unscale([entry[2] for entry in todo])
         self._run_per_param(todo)
 
     def _base_methods(self) -> frozenset[str]:
@@ -708,25 +707,34 @@ class Adam(Optimizer):
     def _run_per_param(
         self, todo: list[tuple[dict[str, Any], dict[str, Any], torch.Tensor, torch.Tensor, Any]]
     ) -> None:
-        """Steps checked parameters one at a time with the per-parameter methods."""
-        done = 0
+        """Steps checked parameters one at a time with the per-parameter methods (dividing the
+        gradients by GradScaler's scale first), all or nothing: what a step wrote before an
+        error (an overriding method's own, say) is put back as it was, in reverse order."""
         written = [x for e in todo for x in (e[3], *e[1].values()) if isinstance(x, torch.Tensor)]
+        undo: list[Callable[[], None]] = []
         try:
-            with _foreach.writable(written):
+            with _foreach.writable(written, [e[2] for e in todo]):
+                if getattr(self, "grad_scale", None) is not None:
+                    undo += [_saved(e[2]) for e in todo]
+                    self._unscale([e[2] for e in todo])
                 for group, state, grad, param, t in todo:
+                    undo.append(_saved(param, state))
                     if t is not None and type(state["step"]) is not int:
                         state["step"] = t  # a tensor count counts as an int, as on the core
-                    done += 1
                     self.step_param(state, group, grad, param)
-        finally:
-            # The methods write through .data, which autograd does not see: bump the version of
-            # every tensor they may have written, as the core's path does.
-            written = []
-            for _group, state, _grad, param, _t in todo[:done]:
-                written.append(param)
-                written.extend(v for v in state.values() if isinstance(v, torch.Tensor))
-            if written:
-                torch._C._increment_version(written)
+        except BaseException:
+            with torch.no_grad(), _foreach.writable(written, [e[2] for e in todo]):
+                for restore in reversed(undo):
+                    restore()
+            raise
+        # The methods write through .data, which autograd does not see: bump the version of
+        # every tensor they may have written, as the core's path does.
+        written = []
+        for _group, state, _grad, param, _t in todo:
+            written.append(param)
+            written.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+        if written:
+            torch._C._increment_version(written)
 
     def _any_opaque(self, groups: list[tuple[int, dict[str, Any]]]) -> bool:
         """Whether a parameter with a gradient, its gradient or a state tensor has memory
@@ -858,7 +866,6 @@ class Adam(Optimizer):
                 [t for w in works for t in w.steps],
             ),
         )
-        self._unscale([entry[4] for entry in dtensor_steps])
         self._run_per_param([(g, st, gr, p, t) for _gi, g, _i, st, gr, p, t in dtensor_steps])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -991,6 +998,24 @@ def _remove_hooks(handles: dict[int, Any]) -> None:
     for _param, hook in handles.values():
         hook.remove()
     handles.clear()
+
+
+def _saved(t: torch.Tensor, state: Optional[dict[str, Any]] = None) -> Callable[[], None]:
+    """What puts ``t`` (and ``state``: its entries and their tensors' values) back as they are
+    now."""
+    value = t.detach().clone()
+    entries = dict(state) if state is not None else {}
+    values = {k: v.detach().clone() for k, v in entries.items() if isinstance(v, torch.Tensor)}
+
+    def restore() -> None:
+        t.detach().copy_(value)
+        if state is not None:
+            state.clear()
+            state.update(entries)
+            for k, v in values.items():
+                entries[k].detach().copy_(v)
+
+    return restore
 
 
 def _sizes(groups: list[dict[str, Any]]) -> list[int]:
