@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import numbers
 import operator
-import os
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
 
 import numpy as np
 
 from rustadam import _core
+from rustadam._alone import run_alone
 
 __all__ = ["Adam", "adam_step"]
 
@@ -221,8 +220,7 @@ class Adam:
         Every array is checked before anything is written: on an error no parameter, moment or
         step count changes.
         """
-        with _only_step(self):
-            self._step(list(grads))
+        run_alone(self, "rustadam.numpy.Adam", self._step, list(grads))
 
     def _step(self, grads: list[Optional[np.ndarray]]) -> None:
         if len(grads) != len(self.params):
@@ -376,28 +374,6 @@ def _number(name: str, x: Any) -> float:
         return float(x.item() if isinstance(x, np.ndarray) else x)
     except OverflowError:
         raise ValueError(f"{name} is {x!r}, beyond the range of a float") from None
-
-
-class _only_step:
-    """The optimizer's one step in progress: RuntimeError if another runs (the step counts are
-    read before the arrays are claimed, so two at once could both count from the same t)."""
-
-    def __init__(self, opt: Adam) -> None:
-        pid = os.getpid()
-        held = opt.__dict__.get("_step_lock")
-        if held is None or held[0] != pid:  # a child of fork() gets a lock of its own
-            held = opt.__dict__["_step_lock"] = (pid, threading.Lock())
-        self.lock = held[1]
-
-    def __enter__(self) -> None:
-        if not self.lock.acquire(blocking=False):
-            raise RuntimeError(
-                "rustadam.numpy.Adam.step() is already running on this optimizer (in another "
-                "thread, or called again from within); step one optimizer at a time"
-            )
-
-    def __exit__(self, *exc: Any) -> None:
-        self.lock.release()
 
 
 def _fresh_state(p: np.ndarray) -> dict[str, Any]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import os
 import sys
-import threading
 import weakref
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
@@ -21,6 +19,7 @@ from torch.optim.optimizer import (
 )
 
 from rustadam import _core, _foreach, _rounding, functional
+from rustadam._alone import run_alone
 from rustadam._state_dict import (
     GROUP_DECAY_KIND,
     MAX_STEP,
@@ -417,24 +416,7 @@ class Adam(Optimizer):
 
     def _locked(self, fn: Callable[..., None], *args: Any) -> None:
         """Runs ``fn`` as this optimizer's only step in progress; RuntimeError if one runs."""
-        pid = os.getpid()
-        held = self.__dict__.get("_step_lock")
-        if held is None:
-            held = self.__dict__.setdefault("_step_lock", (pid, threading.Lock()))
-        if held[0] != pid:
-            # A child made by fork() while another thread of the parent stepped inherits the
-            # held lock, not the thread that would release it.
-            held = self.__dict__["_step_lock"] = (pid, threading.Lock())
-        lock = held[1]
-        if not lock.acquire(blocking=False):
-            raise RuntimeError(
-                "rustadam.Adam.step() is already running on this optimizer (in another "
-                "thread, or called again from within); step one optimizer at a time"
-            )
-        try:
-            fn(*args)
-        finally:
-            lock.release()
+        run_alone(self, "rustadam.Adam", fn, *args)
 
     # ---- gradient release ----------------------------------------------------------------------
 
