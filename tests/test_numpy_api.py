@@ -610,3 +610,16 @@ def test_state_and_state_dict_entries_are_refused_by_name():
     assert opt.state[0]["step"] == 128
     with pytest.raises(ValueError, match=r"lr is 1000.*beyond the range of a float"):
         adam_step(*fresh(), 1, lr=10**400)
+
+
+def test_a_stepped_optimizer_copies_and_pickles():
+    """The step lock is not state: a deep copy or an unpickled optimizer steps on its own."""
+    import copy
+    import pickle
+
+    opt = Adam([np.ones(3)], lr=0.1)
+    opt.step([np.ones(3)])
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        twin.step([np.ones(3)])
+        assert twin.state[0]["step"] == 2 and opt.state[0]["step"] == 1
+        assert not np.array_equal(twin.params[0], opt.params[0])

@@ -263,6 +263,11 @@ class Adam:
                     self.state.pop(i, None)
             raise
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The step lock belongs to this object in this process, not to its state: a copy (or
+        # an unpickled one) makes its own.
+        return {k: v for k, v in self.__dict__.items() if k != "_step_lock"}
+
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state: ``{"state": {i: {"step", "exp_avg", "exp_avg_sq"}},
         "hyperparams": {...}}``, with copies of the moment arrays."""
