@@ -623,3 +623,13 @@ def test_a_stepped_optimizer_copies_and_pickles():
         twin.step([np.ones(3)])
         assert twin.state[0]["step"] == 2 and opt.state[0]["step"] == 1
         assert not np.array_equal(twin.params[0], opt.params[0])
+
+
+def test_a_long_double_beyond_a_floats_range_is_named():
+    """numpy converts it to inf without an error; an inf given as such is taken (as torch does)."""
+    huge = np.longdouble("1e400")
+    if np.isinf(huge):
+        pytest.skip("this numpy's long double is a double")
+    with pytest.raises(ValueError, match=r"lr is .*beyond the range of a float"):
+        Adam([np.ones(2)], lr=huge)
+    Adam([np.ones(2)], lr=float("inf"))

@@ -394,3 +394,37 @@ def test_an_error_of_an_override_part_way_changes_nothing(scaled: bool, first: b
         assert opt.state[p].keys() == s.keys()
         for k, v in s.items():
             assert torch.equal(opt.state[p][k], v) if torch.is_tensor(v) else opt.state[p][k] == v
+
+
+class KeepsHistory(Adam):
+    """Keeps a list and a numpy array of its own in each state, changed in place each step."""
+
+    fail_on: Optional[torch.Tensor] = None
+
+    def init_state(self, state: dict[str, Any], group: dict[str, Any], param: torch.Tensor) -> None:
+        super().init_state(state, group, param)
+        state["hist"], state["ema"] = [], np.zeros(1)
+
+    def step_param(
+        self, state: dict[str, Any], group: dict[str, Any], grad: Any, param: Any
+    ) -> None:
+        super().step_param(state, group, grad, param)
+        state["hist"].append(state["step"])
+        state["ema"] += 1
+        if param is KeepsHistory.fail_on:
+            raise ValueError("boom")
+
+
+def test_an_error_part_way_puts_back_state_entries_that_are_not_tensors() -> None:
+    ps = [torch.nn.Parameter(torch.ones(2)) for _ in range(2)]
+    opt = KeepsHistory(ps, lr=0.1)
+    for p in ps:
+        p.grad = torch.ones(2)
+    opt.step()
+    KeepsHistory.fail_on = ps[1]
+    with pytest.raises(ValueError, match="boom"):
+        opt.step()
+    KeepsHistory.fail_on = None
+    for p in ps:
+        assert opt.state[p]["hist"] == [1] and opt.state[p]["ema"].tolist() == [1.0]
+        assert opt.state[p]["step"] == 1

@@ -33,6 +33,7 @@ True
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from collections.abc import Iterable, Mapping, Sequence
@@ -42,6 +43,7 @@ import numpy as np
 
 from rustadam import _core
 from rustadam._alone import run_alone
+from rustadam._numbers import is_inf
 
 __all__ = ["Adam", "adam_step"]
 
@@ -376,9 +378,13 @@ def _number(name: str, x: Any) -> float:
         if not real and not (isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu"):
             raise TypeError(f"{name} must be a real number, got {x!r}")
     try:
-        return float(x.item() if isinstance(x, np.ndarray) else x)
+        value = float(x.item() if isinstance(x, np.ndarray) else x)
     except OverflowError:
-        raise ValueError(f"{name} is {x!r}, beyond the range of a float") from None
+        value = math.inf
+    if math.isinf(value) and not is_inf(x):
+        # (numpy's long double converts past a float's range to inf, without an error)
+        raise ValueError(f"{name} is {x!r}, beyond the range of a float")
+    return value
 
 
 def _fresh_state(p: np.ndarray) -> dict[str, Any]:

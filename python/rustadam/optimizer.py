@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -20,6 +21,7 @@ from torch.optim.optimizer import (
 
 from rustadam import _core, _foreach, _rounding, functional
 from rustadam._alone import run_alone
+from rustadam._numbers import is_inf
 from rustadam._state_dict import (
     GROUP_DECAY_KIND,
     MAX_STEP,
@@ -988,12 +990,15 @@ def _saved(t: torch.Tensor, state: Optional[dict[str, Any]] = None) -> Callable[
     value = t.detach().clone()
     entries = dict(state) if state is not None else {}
     values = {k: v.detach().clone() for k, v in entries.items() if isinstance(v, torch.Tensor)}
+    # Other entries as they are now too (an override may change a list of its own in place).
+    others = {k: copy.deepcopy(v) for k, v in entries.items() if k not in values}
 
     def restore() -> None:
         t.detach().copy_(value)
         if state is not None:
             state.clear()
             state.update(entries)
+            state.update(copy.deepcopy(others))
             for k, v in values.items():
                 entries[k].detach().copy_(v)
 
@@ -1031,9 +1036,13 @@ def _real_number(name: str, x: Any) -> float:
     if type(x) is not float and type(x) is not int and not _is_number(x):
         raise TypeError(f"{name} must be a real number or a 1-element real tensor, got {x!r}")
     try:
-        return float(x.item() if isinstance(x, np.ndarray) else x)
+        value = float(x.item() if isinstance(x, np.ndarray) else x)
     except OverflowError:
-        raise ValueError(f"{name} is {x!r}, beyond the range of a float") from None
+        value = math.inf
+    if math.isinf(value) and not is_inf(x):
+        # (numpy's long double converts past a float's range to inf, without an error)
+        raise ValueError(f"{name} is {x!r}, beyond the range of a float")
+    return value
 
 
 def _check_decoupled_key(gi: int, group: dict[str, Any], decay: Any) -> None:
