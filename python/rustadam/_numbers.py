@@ -19,3 +19,16 @@ def is_inf(x: Any) -> bool:
     if callable(isinf):
         return bool(isinf().all())
     return bool(np.isinf(x).all())
+
+
+def as_float(name: str, x: Any) -> float:
+    """A number already checked to be real, as a float; ValueError naming ``name`` where it is
+    beyond a float's range (Python converts a huge int with an error, numpy a long double to
+    inf without one)."""
+    try:
+        value = float(x.item() if isinstance(x, np.ndarray) else x)
+    except OverflowError:
+        value = math.inf
+    if math.isinf(value) and not is_inf(x):
+        raise ValueError(f"{name} is {x!r}, beyond the range of a float")
+    return value

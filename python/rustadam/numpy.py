@@ -33,7 +33,6 @@ True
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,7 +42,7 @@ import numpy as np
 
 from rustadam import _core
 from rustadam._alone import run_alone
-from rustadam._numbers import is_inf
+from rustadam._numbers import as_float
 
 __all__ = ["Adam", "adam_step"]
 
@@ -377,14 +376,7 @@ def _number(name: str, x: Any) -> float:
         real = isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
         if not real and not (isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu"):
             raise TypeError(f"{name} must be a real number, got {x!r}")
-    try:
-        value = float(x.item() if isinstance(x, np.ndarray) else x)
-    except OverflowError:
-        value = math.inf
-    if math.isinf(value) and not is_inf(x):
-        # (numpy's long double converts past a float's range to inf, without an error)
-        raise ValueError(f"{name} is {x!r}, beyond the range of a float")
-    return value
+    return as_float(name, x)
 
 
 def _fresh_state(p: np.ndarray) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from torch.optim.optimizer import (
 
 from rustadam import _core, _foreach, _rounding, functional
 from rustadam._alone import run_alone
-from rustadam._numbers import is_inf
+from rustadam._numbers import as_float
 from rustadam._state_dict import (
     GROUP_DECAY_KIND,
     MAX_STEP,
@@ -1035,14 +1035,7 @@ def _real_number(name: str, x: Any) -> float:
     # The usual case, read at every step, skips the ABC checks.
     if type(x) is not float and type(x) is not int and not _is_number(x):
         raise TypeError(f"{name} must be a real number or a 1-element real tensor, got {x!r}")
-    try:
-        value = float(x.item() if isinstance(x, np.ndarray) else x)
-    except OverflowError:
-        value = math.inf
-    if math.isinf(value) and not is_inf(x):
-        # (numpy's long double converts past a float's range to inf, without an error)
-        raise ValueError(f"{name} is {x!r}, beyond the range of a float")
-    return value
+    return as_float(name, x)
 
 
 def _check_decoupled_key(gi: int, group: dict[str, Any], decay: Any) -> None:
