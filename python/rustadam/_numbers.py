@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
+
+
+def is_real(x: Any) -> bool:
+    """A real number as torch takes one for a hyper-parameter, tensors aside: a Python or numpy
+    scalar (``numbers.Real``) or a 1-element real numpy array; not a bool, not a string."""
+    if isinstance(x, np.ndarray):
+        return x.size == 1 and x.dtype.kind in "fiu"
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
 
 
 def is_inf(x: Any) -> bool:

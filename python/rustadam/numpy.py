@@ -33,7 +33,6 @@ True
 
 from __future__ import annotations
 
-import numbers
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
@@ -42,7 +41,7 @@ import numpy as np
 
 from rustadam import _core
 from rustadam._alone import run_alone
-from rustadam._numbers import as_float
+from rustadam._numbers import as_float, is_real
 
 __all__ = ["Adam", "adam_step"]
 
@@ -372,10 +371,9 @@ def _check_state(s: Any, i: int) -> None:
 def _number(name: str, x: Any) -> float:
     """A hyper-parameter as a float: a real number (numpy's too, or a 1-element real array),
     never a bool or a string such as "0.1"."""
-    if type(x) is not float and type(x) is not int:  # the usual case skips the ABC checks
-        real = isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
-        if not real and not (isinstance(x, np.ndarray) and x.size == 1 and x.dtype.kind in "fiu"):
-            raise TypeError(f"{name} must be a real number, got {x!r}")
+    # The usual case skips the ABC checks.
+    if type(x) is not float and type(x) is not int and not is_real(x):
+        raise TypeError(f"{name} must be a real number, got {x!r}")
     return as_float(name, x)
 
 

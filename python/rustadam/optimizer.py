@@ -5,13 +5,11 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import numbers
 import sys
 import weakref
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
-import numpy as np
 import torch
 from torch.optim.optimizer import (
     Optimizer,
@@ -21,7 +19,7 @@ from torch.optim.optimizer import (
 
 from rustadam import _core, _foreach, _rounding, functional
 from rustadam._alone import run_alone
-from rustadam._numbers import as_float
+from rustadam._numbers import as_float, is_real
 from rustadam._state_dict import (
     GROUP_DECAY_KIND,
     MAX_STEP,
@@ -695,19 +693,20 @@ class Adam(Optimizer):
         gradients by GradScaler's scale first), all or nothing: what a step wrote before an
         error (an overriding method's own, say) is put back as it was, in reverse order."""
         written = [x for e in todo for x in (e[3], *e[1].values()) if isinstance(x, torch.Tensor)]
+        grads = [e[2] for e in todo]
         undo: list[Callable[[], None]] = []
         try:
-            with _foreach.writable(written, [e[2] for e in todo]):
+            with _foreach.writable(written, grads):
                 if getattr(self, "grad_scale", None) is not None:
-                    undo += [_saved(e[2]) for e in todo]
-                    self._unscale([e[2] for e in todo])
+                    undo += [_saved(g) for g in grads]
+                    self._unscale(grads)
                 for group, state, grad, param, t in todo:
                     undo.append(_saved(param, state))
                     if t is not None and type(state["step"]) is not int:
                         state["step"] = t  # a tensor count counts as an int, as on the core
                     self.step_param(state, group, grad, param)
         except BaseException:
-            with torch.no_grad(), _foreach.writable(written, [e[2] for e in todo]):
+            with torch.no_grad(), _foreach.writable(written, grads):
                 for restore in reversed(undo):
                     restore()
             raise
@@ -1024,9 +1023,7 @@ def _is_number(x: Any) -> bool:
     not a bool."""
     if isinstance(x, torch.Tensor):
         return x.numel() == 1 and not x.is_complex() and x.device.type != "meta"
-    if isinstance(x, np.ndarray):
-        return x.size == 1 and x.dtype.kind in "fiu"
-    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+    return is_real(x)
 
 
 def _real_number(name: str, x: Any) -> float:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import TYPE_CHECKING, Any
 
 from rustadam import _core
+from rustadam._numbers import is_real
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +39,7 @@ class WeightDecay:
             value = weight_decay
             if not isinstance(value, (int, float)) and callable(getattr(value, "item", None)):
                 value = value.item()  # a 1-element array or tensor of any shape
-            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            if not is_real(value):
                 raise TypeError("not a real number")  # a string "0.01" is not converted
             _core.Config(weight_decay=float(value))  # the core's rule
         except (TypeError, ValueError, RuntimeError):
