@@ -633,3 +633,56 @@ def test_a_long_double_beyond_a_floats_range_is_named():
     with pytest.raises(ValueError, match=r"lr is .*beyond the range of a float"):
         Adam([np.ones(2)], lr=huge)
     Adam([np.ones(2)], lr=float("inf"))
+
+
+def test_masked_arrays_are_refused_not_stepped_past_their_mask():
+    # The kernel sees only the data: a masked entry would be updated and a masked (hidden)
+    # gradient would enter the moments.
+    p = np.ma.array([1.0, 1.0, 1.0], mask=[False, True, False])
+    g = np.ma.masked_invalid(np.array([0.5, np.nan, 0.5]))
+    with pytest.raises(TypeError, match=r"^params\[0\] is a numpy\.ma\.MaskedArray"):
+        Adam([p])
+    q, m, v = np.ones(3), np.zeros(3), np.zeros(3)
+    with pytest.raises(TypeError, match=r"^grad is a numpy\.ma\.MaskedArray"):
+        adam_step(q, g, m, v, 1)
+    opt = Adam([q])
+    with pytest.raises(TypeError, match=r"^grads\[0\] is a numpy\.ma\.MaskedArray"):
+        opt.step([g])
+    np.testing.assert_array_equal(q, np.ones(3))
+    assert opt.state == {} or all(s.get("step", 0) == 0 for s in opt.state.values())
+
+    # Other subclasses (a memmap, say) are plain memory and step as ndarrays do.
+    class Sub(np.ndarray):
+        pass
+
+    r = np.ones(3).view(Sub)
+    adam_step(r, np.full(3, 0.5), np.zeros(3), np.zeros(3), 1, lr=0.1)
+    np.testing.assert_allclose(np.asarray(r), 0.9)
+
+
+def test_empty_arrays_anywhere_in_memory_step():
+    # numpy calls an empty array aligned wherever its pointer is: it must not become a slice
+    # from a misaligned pointer (undefined behaviour), only an empty one.
+    buf = bytearray(9)
+    p = np.frombuffer(buf, dtype=np.float64, offset=1, count=0)
+    assert p.ctypes.data % 8 != 0
+    g, m, v = (np.frombuffer(bytearray(9), dtype=np.float64, offset=1, count=0) for _ in "gmv")
+    m, v = m.copy(), v.copy()
+    adam_step(p, g, m, v, 1)
+    opt = Adam([np.zeros(0), np.ones(2)], lr=0.5)
+    opt.step([g, np.ones(2)])
+    assert [s["step"] for s in opt.state.values()] == [1, 1]
+
+
+def test_an_error_of_a_step_counts_own_index_propagates():
+    class Boom(Exception):
+        pass
+
+    class Step:
+        def __index__(self):
+            raise Boom("from __index__")
+
+    p, g, m, v = fresh()
+    with pytest.raises(Boom):
+        adam_step(p, g, m, v, Step())
+    np.testing.assert_array_equal(p, fresh()[0])

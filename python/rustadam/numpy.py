@@ -340,6 +340,11 @@ class Adam:
 def _check_param(p: Any, name: str) -> None:
     if not isinstance(p, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, not {type(p).__name__}")
+    if type(p) is not np.ndarray and isinstance(p, np.ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray: the step would ignore its mask (update masked "
+            "entries); pass its .data to update every entry"
+        )
     if p.dtype not in _FLOATS:
         raise TypeError(f"{name} has dtype {p.dtype}; rustadam.numpy takes float32 and float64")
     if not p.flags.c_contiguous:

@@ -13,6 +13,7 @@ use numpy::prelude::*;
 use numpy::{dtype, npyffi, PyUntypedArray};
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::type_object::PyTypeInfo;
 use pyo3::types::{PyBool, PyDict};
 use rustadam::{layout, AdamConfig, AnyTensor, Element, ExecOptions, TensorRefs};
 
@@ -67,6 +68,12 @@ fn check_array(obj: &Bound<'_, PyAny>, name: &str, written: bool) -> PyResult<DT
             obj.get_type().name()?
         )));
     };
+    if is_masked(arr)? {
+        return Err(PyTypeError::new_err(format!(
+            "{name} is a numpy.ma.MaskedArray: the step would ignore its mask (update masked \
+             entries, read masked gradients); pass its .data to update every entry"
+        )));
+    }
     let dt = arr.dtype();
     let kind = if dt.is_equiv_to(&dtype::<f32>(py)) {
         DType::F32
@@ -100,6 +107,17 @@ fn check_array(obj: &Bound<'_, PyAny>, name: &str, written: bool) -> PyResult<DT
         )));
     }
     Ok(kind)
+}
+
+/// Whether `arr` is a `numpy.ma.MaskedArray` (looked for only in subclasses of ndarray: none
+/// exists before `numpy.ma` is imported).
+fn is_masked(arr: &Bound<'_, PyUntypedArray>) -> PyResult<bool> {
+    let py = arr.py();
+    if arr.get_type().is(PyUntypedArray::type_object(py)) {
+        return Ok(false);
+    }
+    let masked = py.import("numpy.ma")?.getattr("MaskedArray")?;
+    arr.is_instance(&masked)
 }
 
 /// Whether numpy lets the array be written (its WRITEABLE flag).
@@ -213,11 +231,16 @@ impl<'a> Checked<'a> {
     fn tensors(&mut self) -> Vec<AnyTensor<'_>> {
         fn refs<T: Element>(e: &mut Entry<T>) -> TensorRefs<'_, T> {
             let [p, g, m, v] = e.ptrs;
+            if e.len == 0 {
+                // numpy calls an empty array aligned wherever its pointer is (or null).
+                return TensorRefs::new(&mut [], &[], &mut [], &mut [], e.step);
+            }
             // SAFETY: `Checked::new` found each array an ndarray of `T` (so `len` aligned
-            // elements from its data pointer are its memory), held by `_held` for this
-            // value's life (numpy does not resize an array that is referenced), and no written
-            // array sharing a byte with another; `&mut self` makes the slices unique. The one
-            // precondition left: no `resize(refcheck=False)` of these arrays meanwhile.
+            // elements from its data pointer are its memory: numpy's ALIGNED flag holds of a
+            // non-empty array's pointer), held by `_held` for this value's life (numpy does not
+            // resize an array that is referenced), and no written array sharing a byte with
+            // another; `&mut self` makes the slices unique. The one precondition left: no
+            // `resize(refcheck=False)` of these arrays meanwhile.
             unsafe {
                 TensorRefs::new(
                     std::slice::from_raw_parts_mut(p, e.len),
@@ -273,7 +296,9 @@ fn check_step(step: &Bound<'_, PyAny>, index: Option<usize>) -> PyResult<u64> {
         _ if step.is_instance_of::<PyBool>() => None,
         Ok(t) => Some(t),
         Err(e) if e.is_instance_of::<PyOverflowError>(py) => Some(0),
-        Err(_) => None,
+        Err(e) if e.is_instance_of::<PyTypeError>(py) => None,
+        // Not a refusal: an error of the object's own `__index__` (KeyboardInterrupt too).
+        Err(e) => return Err(e),
     };
     match value {
         Some(t) if t >= 1 => Ok(t as u64),
