@@ -102,6 +102,11 @@ impl fmt::Display for AdamError {
             Self::TooManyThreads { requested, max } => {
                 write!(f, "num_threads is {requested}, more than the limit {max}")
             }
+            Self::Incomplete { done: 0, parts } => write!(
+                f,
+                "the thread pool returned without running any of the {parts} parts of the \
+                 step; nothing was written"
+            ),
             Self::Incomplete { done, parts } => write!(
                 f,
                 "the thread pool returned with {done} of {parts} parts of the step done; \

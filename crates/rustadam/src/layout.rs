@@ -15,7 +15,11 @@ use smallvec::SmallVec;
 /// assert_eq!(offset_range(&[4], &[-2]), Some((-6, 0)));
 /// assert_eq!(offset_range(&[0, 3], &[3, 1]), None);
 /// ```
+///
+/// # Panics
+/// If `shape` and `strides` differ in length (a malformed view).
 pub fn offset_range(shape: &[usize], strides: &[isize]) -> Option<(isize, isize)> {
+    same_rank(shape, strides);
     if shape.contains(&0) {
         return None;
     }
@@ -29,6 +33,16 @@ pub fn offset_range(shape: &[usize], strides: &[isize]) -> Option<(isize, isize)
         }
     }
     Some((lo, hi))
+}
+
+/// Every view helper takes one stride per dimension; zipping unequal lists would silently
+/// answer for a truncated view.
+fn same_rank(shape: &[usize], strides: &[isize]) {
+    assert_eq!(
+        shape.len(),
+        strides.len(),
+        "a view needs one stride per dimension: shape {shape:?}, strides {strides:?}"
+    );
 }
 
 /// The dimensions that place elements (length > 1), as `(|stride|, length, stride)` sorted by
@@ -56,7 +70,11 @@ fn placing(shape: &[usize], strides: &[isize]) -> SmallVec<[(usize, usize, isize
 /// assert!(!is_dense(&[2, 3], &[6, 2]));     // every other element
 /// assert!(!is_dense(&[3], &[-1]));          // reversed
 /// ```
+///
+/// # Panics
+/// If `shape` and `strides` differ in length (a malformed view).
 pub fn is_dense(shape: &[usize], strides: &[isize]) -> bool {
+    same_rank(shape, strides);
     // The usual case, row-major, needs no sort (this runs for every buffer of every step).
     let row_major = shape.iter().zip(strides).rev().filter(|(&n, _)| n > 1);
     fills_consecutive_slots(row_major.map(|(&n, &s)| (n, s)))
@@ -89,7 +107,11 @@ fn fills_consecutive_slots(dims: impl Iterator<Item = (usize, isize)>) -> bool {
 /// assert!(!is_non_overlapping(&[2, 3], &[0, 1]));   // expanded
 /// assert!(!is_non_overlapping(&[3, 3], &[1, 1]));   // diagonal windows
 /// ```
+///
+/// # Panics
+/// If `shape` and `strides` differ in length (a malformed view).
 pub fn is_non_overlapping(shape: &[usize], strides: &[isize]) -> bool {
+    same_rank(shape, strides);
     let mut reach = 0usize;
     for (abs, n, _) in placing(shape, strides) {
         if abs <= reach {
@@ -281,6 +303,20 @@ mod tests {
             out.push((shape, strides));
         }
         out
+    }
+
+    #[test]
+    fn a_stride_list_of_another_length_is_refused_not_truncated() {
+        for (shape, strides) in [(&[2usize, 3][..], &[1isize][..]), (&[3][..], &[][..])] {
+            for f in [
+                |a: &[usize], b: &[isize]| offset_range(a, b).is_some(),
+                |a: &[usize], b: &[isize]| is_dense(a, b),
+                |a: &[usize], b: &[isize]| is_non_overlapping(a, b),
+            ] {
+                let r = std::panic::catch_unwind(|| f(shape, strides));
+                assert!(r.is_err(), "{shape:?} {strides:?} was answered");
+            }
+        }
     }
 
     #[test]

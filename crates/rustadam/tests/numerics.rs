@@ -820,6 +820,13 @@ fn a_fork_join_that_runs_nothing_is_an_error() {
     };
     let err = run(never_runs).unwrap_err();
     assert_eq!(err, AdamError::Incomplete { done: 0, parts: 4 });
+    // No part ran, so nothing was written: the message says so rather than "partly updated".
+    assert!(err.to_string().ends_with("nothing was written"), "{err}");
+    let some = AdamError::Incomplete { done: 1, parts: 4 }.to_string();
+    assert!(
+        some.contains("1 of 4") && some.ends_with("partly updated"),
+        "{some}"
+    );
     // One call with four threads asked for takes all the parts: complete, and right.
     let p = run(runs_once).unwrap();
     assert!(p.iter().all(|&x| x == p[0] && x < 1.0));
