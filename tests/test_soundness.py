@@ -178,6 +178,64 @@ def test_storage_freed_and_reused_smaller_at_the_same_address_is_never_a_crash()
     ), out
 
 
+@pytest.mark.parametrize("entry", ["step", "adam_step", "execute"])
+def test_a_finalizer_run_by_a_collection_during_the_step_cannot_free_what_it_writes(entry):
+    # The storages' Python objects are made in the hold pass; a collection they trigger once
+    # the collector runs again would call a finalizer that frees a checked parameter's memory
+    # (32 MiB: munmapped) before the kernel writes it, unless nothing runs in between.
+    out = run_case(
+        f"""
+        from rustadam import Adam, _core
+        entry = {entry!r}
+        K = 1000
+        big = torch.zeros(8 << 20)
+        params = [big] + [torch.zeros(16) for _ in range(K - 1)]
+        ran = []
+
+        class Finalizer:
+            def __del__(self):
+                ran.append(big.untyped_storage().nbytes())
+                big.untyped_storage().resize_(0)
+
+        def garbage():
+            a, b = Finalizer(), Finalizer()
+            a.other, b.other = b, a
+
+        if entry == "step":
+            params = [torch.nn.Parameter(p) for p in params]
+            big = params[0]
+            opt = Adam(params, lr=0.1)
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+            for p in params:  # fresh gradients: storages without a Python object yet
+                p.grad = torch.ones_like(p)
+            gc.collect()
+            garbage()
+            opt.step()
+        else:
+            grads = [torch.ones_like(p) for p in params]
+            ms = [torch.zeros_like(p) for p in params]
+            vs = [torch.zeros_like(p) for p in params]
+            cfg = _core.Config(lr=0.1)
+            gc.collect()
+            garbage()
+            if entry == "adam_step":
+                _core.adam_step(params, grads, ms, vs, [1] * K, cfg)
+            else:
+                group = [(cfg, params, grads, ms, vs, None, None, [1] * K, [0] * K)]
+                plan = _core.plan(group, strict=True)
+                try:  # a collection after plan() frees it first: the re-check refuses
+                    plan.execute(num_threads=1)
+                except _core.StepError as e:
+                    assert "moved after the step was checked" in str(e), e
+        print("END", ran)
+        """,
+        timeout=120,
+    )
+    assert out.strip().splitlines()[-1].startswith("END"), out
+
+
 # ---- objects the extension refuses by type -----------------------------------------------------
 
 TYPE_ATTACK = r"""

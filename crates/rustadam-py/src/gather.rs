@@ -290,7 +290,11 @@ pub(crate) fn step_plain<'py>(
     // Strict: a buffer the core does not take is refused, not deferred; the general path
     // then finds it again and routes or names it. Other exceptions (KeyboardInterrupt,
     // MemoryError) are not refusals: they propagate.
-    let mut plan = match plan::build(py, inputs, true) {
+    // From the storages' hold to the writes no Python code may run: a collection's finalizer
+    // could free a checked buffer's memory (`resize_`). `inputs` also outlives the writes, so
+    // that no tensor it holds is freed (a weakref callback) in between.
+    let _paused = tensor::NoCollection::enter(py, th)?;
+    let mut plan = match plan::build(py, &inputs, true) {
         Ok(plan) => plan,
         Err(e)
             if e.is_instance_of::<PyRuntimeError>(py)
@@ -302,6 +306,8 @@ pub(crate) fn step_plain<'py>(
         Err(e) => return Err(e),
     };
     plan.run(py, threads::options(num_threads, None, None)?, false, None)?;
+    drop(_paused);
+    drop(inputs);
     plan::commit(py, dicts, Some(&written))?;
     Ok(Some(written))
 }

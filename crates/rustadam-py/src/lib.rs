@@ -76,8 +76,11 @@ fn adam_step<'py>(
         ],
     )?;
     let groups = PyList::new(py, [group])?;
-    let mut plan = plan::plan(py, groups, true)?;
     let opts = threads::options(num_threads, pool, simd)?;
+    // No collection (finalizers: any Python code) between the plan's checks and the writes;
+    // `groups` holds every tensor until then.
+    let _paused = tensor::NoCollection::enter(py, tensor::torch(py)?)?;
+    let mut plan = plan::plan(py, groups, true)?;
     plan.run(py, opts, false, None)
 }
 

@@ -314,7 +314,7 @@ fn span(r: Role, m: &Meta) -> Span {
 }
 
 /// Reads and checks every buffer of every group; see `plan` in the module.
-pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -> PyResult<Plan> {
+pub(crate) fn build(py: Python<'_>, groups: &[GroupInput<'_>], strict: bool) -> PyResult<Plan> {
     let th = tensor::torch(py)?;
     let _no_modes = tensor::NoTorchFunction::enter(py, th)?;
     let mut configs = Vec::with_capacity(groups.len());
@@ -398,7 +398,7 @@ pub(crate) fn build(py: Python<'_>, groups: Vec<GroupInput<'_>>, strict: bool) -
         }
         configs.push(cfg);
     }
-    hold_storages(py, th, &groups, &mut items)?;
+    hold_storages(py, th, groups, &mut items)?;
     let (spans, grad_spans) = mark_shared(&mut items);
     // A parameter listed twice shares all its memory with itself: only such items can be one.
     let mut seen = std::collections::HashSet::new();
@@ -959,6 +959,8 @@ impl Plan {
         if let Some(w) = &written {
             tensor::torch(py)?.check_tensors(w)?;
         }
+        // No collection (finalizers: any Python code) between the re-check and the writes.
+        let _paused = tensor::NoCollection::enter(py, tensor::torch(py)?)?;
         self.check_in_place(py)?;
         self.run(py, opts, false, grad_scale)?;
         commit(py, states.into_iter().zip(steps), written.as_ref())
@@ -969,6 +971,7 @@ impl Plan {
     #[pyo3(signature = (*, num_threads))]
     fn roofline(&mut self, py: Python<'_>, num_threads: Bound<'_, PyAny>) -> PyResult<()> {
         let opts = threads::options(threads::count(&num_threads)?, None, None)?;
+        let _paused = tensor::NoCollection::enter(py, tensor::torch(py)?)?;
         self.check_in_place(py)?;
         self.run(py, opts, true, None)
     }
@@ -1059,6 +1062,5 @@ pub(crate) fn plan(py: Python<'_>, groups: Bound<'_, PyList>, strict: bool) -> P
             seeds: t.8,
         });
     }
-    let groups = inputs;
-    build(py, groups, strict)
+    build(py, &inputs, strict)
 }
