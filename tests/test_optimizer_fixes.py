@@ -687,3 +687,118 @@ def test_an_infinite_lr_gives_the_spec_decay_on_every_backend(backend: str, deca
     want = (want - step * m / (v.sqrt() + 1e-16)).float()
     assert torch.equal(p.isnan(), want.isnan())
     assert torch.equal(p[~p.isnan()], want[~want.isnan()])
+
+
+# ---- group keys, copies and loads ---------------------------------------------------------------
+
+
+class _TwiceDecay(WeightDecay):
+    """Decoupled decay with twice the factor: math of its own, in its __call__."""
+
+    def __call__(self, param, grad, group):
+        param.data.mul_(1.0 - 2.0 * float(group["lr"]) * float(group["weight_decay"]))
+        return grad
+
+
+@pytest.mark.parametrize("where", ["group", "optimizer"])
+def test_a_weight_decay_subclass_runs_its_own_math_on_every_path(where):
+    def run(backend):
+        torch.manual_seed(0)
+        p = nn.Parameter(torch.randn(5, dtype=torch.float64))
+        if where == "group":
+            opt = Adam([{"params": [p], "weight_decay": _TwiceDecay(0.1)}], lr=0.1, backend=backend)
+        else:
+            opt = Adam([p], lr=0.1, weight_decay=_TwiceDecay(0.1), backend=backend)
+        p.grad = torch.randn(5, dtype=torch.float64)
+        p0 = p.detach().clone()
+        opt.step()
+        return p0, p.detach().clone()
+
+    (p0, auto), (_, ref) = run("auto"), run("torch")
+    torch.testing.assert_close(auto, ref, rtol=0, atol=0)
+    # The oracle: θ·(1 − 2αλ), then the first Adam update (about α·sign(g)).
+    torch.manual_seed(0)
+    torch.randn(5, dtype=torch.float64)
+    g = torch.randn(5, dtype=torch.float64)
+    expected = p0 * (1 - 2 * 0.1 * 0.1) - 0.1 * g / (g.abs() + 1e-16 / math.sqrt(0.001))
+    torch.testing.assert_close(auto, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "other", [torch.optim.NAdam, torch.optim.Adagrad, torch.optim.RMSprop, torch.optim.SGD]
+)
+def test_a_checkpoint_of_another_optimizer_is_refused_not_stepped_as_adam(other):
+    p = nn.Parameter(torch.randn(4))
+    kw = {"momentum": 0.9, "centered": True} if other is torch.optim.RMSprop else {}
+    kw = {"momentum": 0.9, "dampening": 0.1} if other is torch.optim.SGD else kw
+    theirs = other([p], lr=0.01, **kw)
+    p.grad = torch.randn(4)
+    theirs.step()
+    opt = Adam([p])
+    p0 = p.detach().clone()
+    try:
+        opt.load_state_dict(theirs.state_dict())
+    except (ValueError, KeyError):
+        return  # refused at load
+    with pytest.raises(ValueError, match=r"param_groups\[0\]"):
+        opt.step()
+    torch.testing.assert_close(p.detach(), p0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", ["lr", "betas", "eps", "weight_decay", "maximize", "amsgrad"])
+def test_a_deleted_group_key_is_named_not_defaulted(key):
+    p = nn.Parameter(torch.randn(4))
+    opt = Adam([p], weight_decay=0.1)
+    del opt.param_groups[0][key]
+    p.grad = torch.randn(4)
+    p0 = p.detach().clone()
+    with pytest.raises(ValueError, match=rf"^param_groups\[0\] has no '{key}'"):
+        opt.step()
+    torch.testing.assert_close(p.detach(), p0, rtol=0, atol=0)
+
+
+def test_a_checkpoint_older_than_maximize_and_amsgrad_loads_as_torch_loads_it():
+    p = nn.Parameter(torch.randn(4))
+    ref = torch.optim.Adam([p], lr=0.01)
+    sd = ref.state_dict()
+    for g in sd["param_groups"]:
+        del g["maximize"], g["amsgrad"]
+    opt = Adam([p], lr=0.01)
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["maximize"] is False and opt.param_groups[0]["amsgrad"] is False
+    p.grad = torch.randn(4)
+    opt.step()
+
+
+@pytest.mark.parametrize("copy_by", ["deepcopy", "pickle"])
+def test_copies_keep_gradscalers_fused_route(copy_by):
+    import copy
+    import pickle
+
+    opt = Adam([nn.Parameter(torch.randn(3))])
+    clone = copy.deepcopy(opt) if copy_by == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert clone._step_supports_amp_scaling is True
+
+
+@pytest.mark.parametrize(
+    "bad", [float("inf"), float("nan"), "meta", "two"], ids=["inf", "nan", "meta", "two"]
+)
+def test_a_load_with_an_odd_entry_no_group_lists_loads_whole(bad):
+    # torch keeps state entries of ids no group lists as they are; converting their step must
+    # not raise after the load replaced the groups and the state (half a load).
+    p = nn.Parameter(torch.randn(4))
+    ref = torch.optim.Adam([p], lr=0.5)
+    p.grad = torch.randn(4)
+    ref.step()
+    sd = ref.state_dict()
+    step = {
+        "meta": torch.tensor(1.0, device="meta"),
+        "two": torch.tensor([1.0, 2.0]),
+    }.get(bad, torch.tensor(bad) if not isinstance(bad, str) else None)
+    sd["state"][7] = {"step": step, "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+    ran = []
+    opt = Adam([p], lr=0.1)
+    opt.register_load_state_dict_post_hook(lambda o: ran.append(True))
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 0.5 and ran == [True]
+    assert opt.state[p]["step"] == 1

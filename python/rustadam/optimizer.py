@@ -35,10 +35,18 @@ __all__ = ["Adam"]
 _BACKENDS = ("auto", "rust", "triton", "foreach", "torch")
 _ROUNDINGS = ("nearest", "stochastic", "kahan")
 # Group keys of other optimizers that would change the math; refused rather than ignored.
-_REFUSED_KEYS = ("differentiable", "nesterov", "amsbound", "decoupled", "rectify", "momentum")
+_REFUSED_KEYS = (
+    "differentiable", "nesterov", "amsbound", "decoupled", "rectify", "momentum",
+    # Other torch optimizers' math (NAdam, Adagrad, SGD, RMSprop, Adadelta, ASGD, Rprop): a
+    # checkpoint of theirs must not load and step as plain Adam.
+    "momentum_decay", "lr_decay", "initial_accumulator_value", "dampening", "centered", "rho",
+    "lambd", "t0", "etas", "step_sizes",
+)  # fmt: skip
 # The per-parameter methods a subclass may override; any override sends the whole step through
 # them, one parameter at a time.
 _HOOKS = ("init_state", "get_mv", "get_lr", "adam_update", "step_param")
+# The keys every group has (the constructor's defaults); one deleted is refused, not defaulted.
+_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize", "amsgrad")
 
 Params = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
@@ -218,6 +226,10 @@ class Adam(Optimizer):
         >>> opt.step()
     """
 
+    # GradScaler hands the scale and the found-inf flag to step() (no separate unscale); a
+    # class attribute, so that copies and unpickled optimizers keep it.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: Params,
@@ -269,8 +281,6 @@ class Adam(Optimizer):
         super().__init__(params, defaults)
         if self.gradient_release:
             self._hook_params()
-        # GradScaler hands the scale and the found-inf flag to step() (no separate unscale).
-        self._step_supports_amp_scaling = True
 
     # ---- the overridable per-parameter methods (the reference design) -------------------------
 
@@ -538,8 +548,14 @@ class Adam(Optimizer):
         )
         if "decoupled_weight_decay" in group and "decoupled_weight_decay" not in self.defaults:
             _check_decoupled_key(gi, group, decay)
+        missing = [k for k in _GROUP_KEYS if k not in group]
+        if missing:
+            raise ValueError(
+                f"param_groups[{gi}] has no {', '.join(map(repr, missing))} (every group "
+                "carries lr, betas, eps, weight_decay, maximize and amsgrad, as torch.optim.Adam's)"
+            )
         try:
-            wd = group.get("weight_decay", 0.0)
+            wd = group["weight_decay"]
             return _core.Config(
                 lr=_real_number("lr", group["lr"]),
                 betas=_pair(group["betas"]),
@@ -550,8 +566,8 @@ class Adam(Optimizer):
                 weight_decouple=flags[0],
                 absolute=flags[1],
                 optimized_update=bool(group.get("optimized_update", self.optimized_update)),
-                maximize=bool(group.get("maximize", False)),
-                amsgrad=bool(group.get("amsgrad", False)),
+                maximize=bool(group["maximize"]),
+                amsgrad=bool(group["amsgrad"]),
                 rounding=self._rounding(group),
             )
         except (ValueError, TypeError, KeyError) as e:
@@ -582,7 +598,13 @@ class Adam(Optimizer):
             return True
         if not self.__dict__.keys().isdisjoint(_HOOKS):
             return True
-        return type(self.weight_decay) is not WeightDecay
+        if type(self.weight_decay) is not WeightDecay:
+            return True
+        # A group's own WeightDecay subclass has its own math too.
+        return any(
+            isinstance(wd, WeightDecay) and type(wd) is not WeightDecay
+            for wd in (g.get("weight_decay") for g in self.param_groups)
+        )
 
     def _grads(
         self, gi: int, group: dict[str, Any], only: Optional[tuple[int, int]] = None
@@ -919,13 +941,16 @@ class Adam(Optimizer):
             if GROUP_DECAY_KIND in group:
                 kind = group.pop(GROUP_DECAY_KIND)
                 group["weight_decay"] = group_decay(group["weight_decay"], kind)
+            # As torch.optim.Adam loads a checkpoint older than these options.
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
         # torch.optim.Adam keeps `step` as a float tensor; the reference design counts with an int.
+        # The parameters' steps were checked; an entry no group lists is kept as torch keeps it
+        # (this runs after the load replaced the state: it must not raise).
         for s in self.state.values():
             step = s.get("step") if isinstance(s, dict) else None
-            if isinstance(step, torch.Tensor):
-                s["step"] = int(step.item())
-            elif isinstance(step, float):
-                s["step"] = int(step)
+            if isinstance(step, (torch.Tensor, float)):
+                s["step"] = _count_or_same(step)
         if getattr(self, "gradient_release", False):
             self._hook_params()
 
@@ -1015,6 +1040,16 @@ def _placed(groups: list[dict[str, Any]], at: Optional[tuple[int, int]], param: 
         return False
     params = groups[at[0]]["params"]
     return at[1] < len(params) and params[at[1]] is param
+
+
+def _count_or_same(step: Any) -> Any:
+    """A float or 1-element tensor step count (torch's form) as an int; itself where it is not
+    a whole number that fits one."""
+    try:
+        value = float(step.item() if isinstance(step, torch.Tensor) else step)
+    except (RuntimeError, ValueError, TypeError):
+        return step
+    return int(value) if math.isfinite(value) and value == int(value) else step
 
 
 def _is_number(x: Any) -> bool:
