@@ -802,3 +802,60 @@ def test_a_load_with_an_odd_entry_no_group_lists_loads_whole(bad):
     opt.load_state_dict(sd)
     assert opt.param_groups[0]["lr"] == 0.5 and ran == [True]
     assert opt.state[p]["step"] == 1
+
+
+def _train_on(opt, params, grads):
+    for g in grads:
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "decay",
+    [
+        WeightDecay(0.5, weight_decouple=False),
+        WeightDecay(0.05, weight_decouple=True, absolute=True),
+        WeightDecay(0.5),
+    ],
+    ids=["l2", "absolute", "decoupled"],
+)
+@pytest.mark.parametrize("optimized_update", [False, True])
+def test_a_checkpoint_carries_the_optimizers_decay_kind_and_update_form(decay, optimized_update):
+    # Loaded into a default Adam (decoupled, optimized update), training goes on exactly as
+    # without the interruption: the saved groups' math wins, as torch's group values do.
+    torch.manual_seed(0)
+    p0 = [torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    grads = [[torch.randn_like(p) for p in p0] for _ in range(6)]
+    ref = [nn.Parameter(p.clone()) for p in p0]
+    _train_on(Adam(ref, lr=0.1, weight_decay=decay, optimized_update=optimized_update), ref, grads)
+    ps = [nn.Parameter(p.clone()) for p in p0]
+    first = Adam(ps, lr=0.1, weight_decay=decay, optimized_update=optimized_update)
+    _train_on(first, ps, grads[:3])
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    second = Adam(ps)
+    second.load_state_dict(torch.load(buf, weights_only=True))
+    _train_on(second, ps, grads[3:])
+    for a, b in zip(ps, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_a_checkpoint_loads_into_torch_adam_with_its_decay_kind(decoupled):
+    torch.manual_seed(0)
+    p0 = torch.randn(8)
+    grads = [[torch.randn(8)] for _ in range(6)]
+    decay = WeightDecay(0.5, weight_decouple=decoupled)
+    ref = [nn.Parameter(p0.clone())]
+    _train_on(Adam(ref, lr=0.1, eps=1e-8, weight_decay=decay, optimized_update=False), ref, grads)
+    ps = [nn.Parameter(p0.clone())]
+    first = Adam(ps, lr=0.1, eps=1e-8, weight_decay=decay, optimized_update=False)
+    _train_on(first, ps, grads[:3])
+    # torch.optim.Adam built with the other kind: the saved decoupled_weight_decay wins.
+    theirs = torch.optim.Adam(ps, lr=0.1, weight_decay=0.5, decoupled_weight_decay=not decoupled)
+    theirs.load_state_dict(first.state_dict())
+    assert theirs.param_groups[0]["decoupled_weight_decay"] is decoupled
+    _train_on(theirs, ps, grads[3:])
+    torch.testing.assert_close(ps[0].detach(), ref[0].detach(), rtol=1e-6, atol=1e-7)

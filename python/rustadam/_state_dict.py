@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 # The group key that records a group's own WeightDecay's kind in a state_dict (see
 # Adam.state_dict); its λ is the group's weight_decay.
 GROUP_DECAY_KIND = "weight_decay_kind"
+# The kind of the optimizer's own WeightDecay, saved with each group whose weight_decay is a
+# number (the optimizer's decay then applies): a load into an optimizer of another kind keeps it.
+OPTIMIZER_DECAY_KIND = "optimizer_weight_decay_kind"
 _KINDS = {
     "decoupled": {"weight_decouple": True, "absolute": False},
     "absolute": {"weight_decouple": True, "absolute": True},
@@ -95,12 +98,13 @@ def check_state_dict(opt: Adam, state_dict: Any) -> None:
 
 def _check_group_decay(gi: int, saved: Mapping[str, Any]) -> None:
     """A group's own WeightDecay, as Adam.state_dict saves it: a known kind and a valid λ."""
-    if GROUP_DECAY_KIND not in saved:
+    key = next((k for k in (GROUP_DECAY_KIND, OPTIMIZER_DECAY_KIND) if k in saved), None)
+    if key is None:
         return
-    kind = saved[GROUP_DECAY_KIND]
+    kind = saved[key]
     if not isinstance(kind, str) or kind not in _KINDS:
         raise ValueError(
-            f"param_groups[{gi}] of the loaded state dict has {GROUP_DECAY_KIND}={kind!r}; "
+            f"param_groups[{gi}] of the loaded state dict has {key}={kind!r}; "
             f"expected one of {sorted(_KINDS)}"
         )
     try:
@@ -118,7 +122,9 @@ def _check_decay_kind(opt: Adam, gi: int, saved: Mapping[str, Any]) -> None:
     """torch.optim.Adam/AdamW record which decay their ``weight_decay`` means; refuse the other."""
     wd = opt.weight_decay
     if (
-        "decoupled_weight_decay" not in saved
+        GROUP_DECAY_KIND in saved  # the kind saved by rustadam wins (see Adam.__setstate__)
+        or OPTIMIZER_DECAY_KIND in saved
+        or "decoupled_weight_decay" not in saved
         or "decoupled_weight_decay" in opt.defaults
         or not saved.get("weight_decay")
         or not isinstance(wd, WeightDecay)

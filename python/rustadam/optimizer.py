@@ -23,6 +23,7 @@ from rustadam._numbers import as_float, is_real
 from rustadam._state_dict import (
     GROUP_DECAY_KIND,
     MAX_STEP,
+    OPTIMIZER_DECAY_KIND,
     check_state_dict,
     decay_kind,
     group_decay,
@@ -895,10 +896,20 @@ class Adam(Optimizer):
         :meth:`load_state_dict` turns back into the object."""
         state_dict = super().state_dict()
         for group in state_dict.get("param_groups", ()):
-            wd = group.get("weight_decay") if isinstance(group, dict) else None
+            if not isinstance(group, dict):
+                continue
+            wd = group.get("weight_decay")
             if type(wd) is WeightDecay:
                 group["weight_decay"] = wd.weight_decay
                 group[GROUP_DECAY_KIND] = decay_kind(wd)
+            elif type(self.weight_decay) is WeightDecay and _is_number(wd):
+                # The optimizer's decay, saved with every group it applies to: a checkpoint
+                # carries its math, as torch's carry decoupled_weight_decay.
+                group[OPTIMIZER_DECAY_KIND] = decay_kind(self.weight_decay)
+            kind = group.get(GROUP_DECAY_KIND, group.get(OPTIMIZER_DECAY_KIND))
+            if kind in ("decoupled", "l2"):  # what torch.optim.Adam reads (it has no absolute)
+                group["decoupled_weight_decay"] = kind == "decoupled"
+            group.setdefault("optimized_update", bool(self.optimized_update))
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -941,6 +952,13 @@ class Adam(Optimizer):
             if GROUP_DECAY_KIND in group:
                 kind = group.pop(GROUP_DECAY_KIND)
                 group["weight_decay"] = group_decay(group["weight_decay"], kind)
+            elif OPTIMIZER_DECAY_KIND in group:
+                # The saved optimizer's decay: where this one's differs, the group keeps the
+                # saved math as a WeightDecay of its own.
+                kind = group.pop(OPTIMIZER_DECAY_KIND)
+                ours = self.weight_decay
+                if type(ours) is not WeightDecay or decay_kind(ours) != kind:
+                    group["weight_decay"] = group_decay(group["weight_decay"], kind)
             # As torch.optim.Adam loads a checkpoint older than these options.
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
