@@ -859,3 +859,57 @@ def test_a_checkpoint_loads_into_torch_adam_with_its_decay_kind(decoupled):
     assert theirs.param_groups[0]["decoupled_weight_decay"] is decoupled
     _train_on(theirs, ps, grads[3:])
     torch.testing.assert_close(ps[0].detach(), ref[0].detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["auto", "rust", "torch"])
+def test_one_state_dict_for_two_parameters_counts_twice_as_torchs_loop(backend):
+    torch.manual_seed(0)
+    p0 = [torch.randn(4), torch.randn(4)]
+    grads = [[torch.randn(4), torch.randn(4)] for _ in range(4)]
+
+    def run(make):
+        ps = [nn.Parameter(p.clone()) for p in p0]
+        opt = make(ps)
+        _train_on(opt, ps, grads[:1])
+        opt.state[ps[1]] = opt.state[ps[0]]  # both parameters now share moments and count
+        _train_on(opt, ps, grads[1:])
+        return ps, opt.state[ps[0]]["step"]
+
+    ours, t = run(lambda ps: Adam(ps, lr=0.1, eps=1e-8, optimized_update=False, backend=backend))
+    ref, t_ref = run(lambda ps: torch.optim.Adam(ps, lr=0.1, foreach=False))
+    assert t == int(t_ref) == 7
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_state_key_whose_comparison_raises_leaves_the_step_undone():
+    class Collides:  # hashes as "step": reading and setting the count compare with it
+        armed, calls = False, 0
+
+        def __hash__(self):
+            return hash("step")
+
+        def __eq__(self, other):
+            if Collides.armed:
+                Collides.calls += 1
+                if Collides.calls == 2:  # the first read passes; what comes next raises
+                    raise RuntimeError("boom from __eq__")
+            return False
+
+    ps = [nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))]
+    opt = Adam(ps, lr=0.1)
+    for p in ps:
+        p.grad = torch.randn(4)
+    opt.step()
+    state = {Collides(): "extra"}
+    state.update(opt.state[ps[1]])
+    opt.state[ps[1]] = state
+    before = [(p.detach().clone(), opt.state[p]["exp_avg"].clone(), p._version) for p in ps]
+    Collides.armed = True
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    Collides.armed = False
+    for p, (value, m, _) in zip(ps, before):
+        torch.testing.assert_close(p.detach(), value, rtol=0, atol=0)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], m, rtol=0, atol=0)
+        assert opt.state[p]["step"] == 1

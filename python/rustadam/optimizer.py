@@ -515,10 +515,13 @@ class Adam(Optimizer):
         per_param = per_param or self._any_opaque(groups)
         created: list[torch.Tensor] = []
         try:
+            if not per_param:
+                try:
+                    self._step_fast(groups, configs, created, only)
+                except _LoopOnly:
+                    per_param = True
             if per_param:
                 self._step_per_param(groups, created, only)
-            else:
-                self._step_fast(groups, configs, created, only)
         except BaseException:
             # A state created for this step goes unless the step advanced it (an interrupt
             # can land after the step was written).
@@ -777,6 +780,7 @@ class Adam(Optimizer):
         only: Optional[tuple[int, int]],
     ) -> None:
         works = []
+        seen: set[int] = set()
         dtensor_steps = []  # (group, state, grad, param) stepped with torch ops on DTensors
         states_of: list[list[dict[str, Any]]] = []
         dtensor = _dtensor_type()
@@ -794,6 +798,12 @@ class Adam(Optimizer):
             states: list[dict[str, Any]] = []
             for i, param, grad in self._grads(gi, group, only):
                 state = self._state(gi, group, i, param, created)
+                if id(state) in seen or not all(type(k) is str for k in state):
+                    # One state dict for two parameters counts twice, as torch's loop does;
+                    # a key that is not a str may run Python code when "step" is set, after
+                    # the writes: both for the loop, one parameter at a time, undone on error.
+                    raise _LoopOnly
+                seen.add(id(state))
                 # The buffers the core steps (a DTensor's local shards where it has them).
                 m, v = state.get("exp_avg"), state.get("exp_avg_sq")
                 if not (isinstance(m, torch.Tensor) and isinstance(v, torch.Tensor)):
@@ -985,6 +995,10 @@ _MAX_THREADS = 1024
 # A subclass whose per-parameter methods are these runs the fused step.
 _BASE_HOOKS = [Adam.__dict__[h] for h in _HOOKS]
 _HALF = (torch.float16, torch.bfloat16)
+
+
+class _LoopOnly(Exception):
+    """Raised before anything is written: this step takes the per-parameter loop."""
 
 
 class _GroupDecay:

@@ -15,7 +15,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::ffi;
 use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyInt, PyList, PyType};
+use pyo3::types::{PyDict, PyInt, PyList, PyString, PyType};
 use rustadam::kernel::mix;
 use rustadam::Rounding;
 
@@ -135,6 +135,15 @@ fn entry<'py>(
     let Ok(state) = state.cast_into_exact::<PyDict>() else {
         return Ok(None);
     };
+    // Setting "step" after the writes compares it with keys of the same hash: only str keys
+    // are sure to run no Python code there (and to raise nothing).
+    if state
+        .keys()
+        .iter()
+        .any(|k| !k.is_exact_instance_of::<PyString>())
+    {
+        return Ok(None);
+    }
     let Some(step) = state.get_item(intern!(py, "step"))? else {
         return Ok(None);
     };
@@ -272,6 +281,15 @@ pub(crate) fn step_plain<'py>(
             Some(g) => inputs.push(g),
             None => return Ok(None),
         }
+    }
+    // One state dict for two parameters counts twice (as torch's loop does): the general path.
+    let mut seen: HashMap<usize, (), BuildHasherDefault<AddressHasher>> =
+        HashMap::with_capacity_and_hasher(dicts.len(), Default::default());
+    if dicts
+        .iter()
+        .any(|(d, _)| seen.insert(d.as_ptr() as usize, ()).is_some())
+    {
+        return Ok(None);
     }
     let written = PyList::empty(py);
     for g in &inputs {
