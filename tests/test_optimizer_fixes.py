@@ -913,3 +913,17 @@ def test_a_state_key_whose_comparison_raises_leaves_the_step_undone():
         torch.testing.assert_close(p.detach(), value, rtol=0, atol=0)
         torch.testing.assert_close(opt.state[p]["exp_avg"], m, rtol=0, atol=0)
         assert opt.state[p]["step"] == 1
+
+
+@pytest.mark.parametrize("backend", ["auto", "rust", "torch"])
+def test_a_parameter_of_overlapping_windows_is_refused_on_every_path(backend):
+    # Three windows of three over five floats: element (i, j) and (i + 1, j - 1) are one.
+    base = torch.randn(5)
+    p = nn.Parameter(base.as_strided((3, 3), (1, 1)))
+    p.grad = torch.randn(3, 3)
+    opt = Adam([p], lr=0.1, backend=backend)
+    before = base.clone()
+    with pytest.raises(RuntimeError, match="elements that share memory"):
+        opt.step()
+    torch.testing.assert_close(base, before, rtol=0, atol=0)
+    assert opt.state[p] == {} or opt.state[p].get("step", 0) == 0

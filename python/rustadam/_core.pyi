@@ -123,6 +123,10 @@ def plan(groups: Sequence[GroupInput], *, strict: bool = False) -> Plan:
     for one the core does not take (another device or dtype, a negative or conjugate view).
     """
 
+def non_overlapping(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether no two elements of the view share memory, proven as the core proves it before
+    writing a buffer in place (a view it cannot prove counts as overlapping)."""
+
 def param_seed(seed: int, group: int, index: int) -> int:
     """A parameter's stochastic-rounding seed: ``seed ^ (mix(group) << 32) ^ mix(index)`` with
     the 32-bit hash of docs/NUMERICS.md (each position taken mod 2**32)."""

@@ -47,7 +47,7 @@ _REFUSED_KEYS = (
 # them, one parameter at a time.
 _HOOKS = ("init_state", "get_mv", "get_lr", "adam_update", "step_param")
 # The keys every group has (the constructor's defaults); one deleted is refused, not defaulted.
-_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "maximize", "amsgrad")
+_GROUP_KEYS = ("lr", "betas", "eps", "maximize", "amsgrad")
 
 Params = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
@@ -552,14 +552,15 @@ class Adam(Optimizer):
         )
         if "decoupled_weight_decay" in group and "decoupled_weight_decay" not in self.defaults:
             _check_decoupled_key(gi, group, decay)
-        missing = [k for k in _GROUP_KEYS if k not in group]
+        missing = [k for k in (*_GROUP_KEYS, *self.weight_decay.defaults()) if k not in group]
         if missing:
             raise ValueError(
                 f"param_groups[{gi}] has no {', '.join(map(repr, missing))} (every group "
-                "carries lr, betas, eps, weight_decay, maximize and amsgrad, as torch.optim.Adam's)"
+                "carries lr, betas, eps, maximize, amsgrad and the weight decay's keys, as "
+                "torch.optim.Adam's)"
             )
         try:
-            wd = group["weight_decay"]
+            wd = group.get("weight_decay", 0.0)
             return _core.Config(
                 lr=_real_number("lr", group["lr"]),
                 betas=_pair(group["betas"]),
@@ -1240,8 +1241,9 @@ def _state_tensor(
 
 
 def _written_in_place(t: torch.Tensor, what: str, label: str) -> None:
-    """Refuses a written buffer whose elements share memory (a stride-0, expanded view)."""
-    if any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride())):
+    """Refuses a written buffer whose elements may share memory (an expanded view, windows
+    over one row), as the core does."""
+    if t.numel() > 1 and not _core.non_overlapping(tuple(t.shape), t.stride()):
         raise RuntimeError(
             f"{label}: its {what} has elements that share memory (an expanded view?); it is "
             "written in place"

@@ -84,6 +84,19 @@ fn adam_step<'py>(
     plan.run(py, opts, false, None)
 }
 
+/// `non_overlapping(shape, strides)`: whether no two elements of the view share memory, proven
+/// as the core proves it before writing a buffer in place (`layout::is_non_overlapping`), so
+/// that every path refuses the same views. ValueError where the lengths differ.
+#[pyfunction]
+fn non_overlapping(shape: Vec<usize>, strides: Vec<isize>) -> PyResult<bool> {
+    if shape.len() != strides.len() {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "non_overlapping: one stride per dimension",
+        ));
+    }
+    Ok(rustadam::layout::is_non_overlapping(&shape, &strides))
+}
+
 /// The SIMD levels this CPU runs, from the slowest; the last is the one used by default.
 #[pyfunction]
 fn simd_levels(py: Python<'_>) -> PyResult<Bound<'_, PyTuple>> {
@@ -99,6 +112,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gather::step_plain, m)?)?;
     m.add_function(wrap_pyfunction!(gather::param_seed, m)?)?;
     m.add_function(wrap_pyfunction!(simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(non_overlapping, m)?)?;
     m.add_class::<plan::Plan>()?;
     m.add_class::<config::Config>()?;
     m.add("StepError", m.py().get_type::<StepError>())?;
