@@ -781,7 +781,7 @@ class Adam(Optimizer):
         only: Optional[tuple[int, int]],
     ) -> None:
         works = []
-        seen: set[int] = set()
+        seen: dict[int, torch.Tensor] = {}  # state dicts by id, with their parameter
         dtensor_steps = []  # (group, state, grad, param) stepped with torch ops on DTensors
         states_of: list[list[dict[str, Any]]] = []
         dtensor = _dtensor_type()
@@ -799,12 +799,14 @@ class Adam(Optimizer):
             states: list[dict[str, Any]] = []
             for i, param, grad in self._grads(gi, group, only):
                 state = self._state(gi, group, i, param, created)
-                if id(state) in seen or not all(type(k) is str for k in state):
+                if seen.setdefault(id(state), param) is not param or not all(
+                    type(k) is str for k in state
+                ):
                     # One state dict for two parameters counts twice, as torch's loop does;
                     # a key that is not a str may run Python code when "step" is set, after
                     # the writes: both for the loop, one parameter at a time, undone on error.
+                    # (A parameter listed twice is refused by name below.)
                     raise _LoopOnly
-                seen.add(id(state))
                 # The buffers the core steps (a DTensor's local shards where it has them).
                 m, v = state.get("exp_avg"), state.get("exp_avg_sq")
                 if not (isinstance(m, torch.Tensor) and isinstance(v, torch.Tensor)):
