@@ -927,3 +927,14 @@ def test_a_parameter_of_overlapping_windows_is_refused_on_every_path(backend):
         opt.step()
     torch.testing.assert_close(base, before, rtol=0, atol=0)
     assert opt.state[p] == {} or opt.state[p].get("step", 0) == 0
+
+
+def test_a_non_strided_gradient_is_named_for_what_it_is():
+    p = nn.Parameter(torch.randn(4, 4).to_mkldnn())
+    p.grad = torch.randn(4, 4).to_mkldnn()
+    with pytest.raises(RuntimeError, match=r"does not support non-strided gradients .*_mkldnn"):
+        Adam([p]).step()
+    q = nn.Parameter(torch.randn(4, 4))
+    q.grad = torch.randn(4, 4).to_sparse()
+    with pytest.raises(RuntimeError, match=r"sparse gradients .*SparseAdam"):
+        Adam([q]).step()

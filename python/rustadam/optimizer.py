@@ -624,10 +624,12 @@ class Adam(Optimizer):
             if grad is None:
                 continue
             if grad.layout is not torch.strided:
+                sparse = grad.layout in _SPARSE_LAYOUTS
                 raise RuntimeError(
-                    f"rustadam.Adam does not support sparse gradients "
-                    f"({param_label(gi, group, i, param)} has a {grad.layout} gradient); "
-                    "consider torch.optim.SparseAdam"
+                    f"rustadam.Adam does not support "
+                    f"{'sparse' if sparse else 'non-strided'} gradients "
+                    f"({param_label(gi, group, i, param)} has a {grad.layout} gradient)"
+                    + ("; consider torch.optim.SparseAdam" if sparse else "")
                 )
             out.append((i, param, grad))
         return out
@@ -998,6 +1000,8 @@ _MAX_THREADS = 1024
 # A subclass whose per-parameter methods are these runs the fused step.
 _BASE_HOOKS = [Adam.__dict__[h] for h in _HOOKS]
 _HALF = (torch.float16, torch.bfloat16)
+_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr,
+                   torch.sparse_bsc)  # fmt: skip
 
 
 class _LoopOnly(Exception):
