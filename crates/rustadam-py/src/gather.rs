@@ -7,7 +7,7 @@
 //! call return `None` having changed nothing, and the caller takes its general path, which
 //! makes the same checks and names what it refuses. Nothing is remembered across calls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
 
@@ -283,12 +283,9 @@ pub(crate) fn step_plain<'py>(
         }
     }
     // One state dict for two parameters counts twice (as torch's loop does): the general path.
-    let mut seen: HashMap<usize, (), BuildHasherDefault<AddressHasher>> =
-        HashMap::with_capacity_and_hasher(dicts.len(), Default::default());
-    if dicts
-        .iter()
-        .any(|(d, _)| seen.insert(d.as_ptr() as usize, ()).is_some())
-    {
+    let mut seen: HashSet<usize, BuildHasherDefault<AddressHasher>> =
+        HashSet::with_capacity_and_hasher(dicts.len(), Default::default());
+    if !dicts.iter().all(|(d, _)| seen.insert(d.as_ptr() as usize)) {
         return Ok(None);
     }
     let written = PyList::empty(py);
