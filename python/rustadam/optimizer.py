@@ -48,6 +48,7 @@ _REFUSED_KEYS = (
 _HOOKS = ("init_state", "get_mv", "get_lr", "adam_update", "step_param")
 # The keys every group has (the constructor's defaults); one deleted is refused, not defaulted.
 _GROUP_KEYS = ("lr", "betas", "eps", "maximize", "amsgrad")
+_DECAY_GROUP_KEYS = frozenset((*_GROUP_KEYS, "weight_decay"))
 
 Params = Union[Iterable[torch.Tensor], Iterable[dict[str, Any]]]
 
@@ -552,8 +553,12 @@ class Adam(Optimizer):
         )
         if "decoupled_weight_decay" in group and "decoupled_weight_decay" not in self.defaults:
             _check_decoupled_key(gi, group, decay)
-        missing = [k for k in (*_GROUP_KEYS, *self.weight_decay.defaults()) if k not in group]
-        if missing:
+        # (A WeightDecay's one key, weight_decay, without calling it at every step.)
+        keys = _DECAY_GROUP_KEYS if type(self.weight_decay) is WeightDecay else None
+        if keys is None:
+            keys = frozenset((*_GROUP_KEYS, *self.weight_decay.defaults()))
+        if not group.keys() >= keys:
+            missing = sorted(keys - group.keys())
             raise ValueError(
                 f"param_groups[{gi}] has no {', '.join(map(repr, missing))} (every group "
                 "carries lr, betas, eps, maximize, amsgrad and the weight decay's keys, as "
