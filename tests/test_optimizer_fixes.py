@@ -938,3 +938,34 @@ def test_a_non_strided_gradient_is_named_for_what_it_is():
     q.grad = torch.randn(4, 4).to_sparse()
     with pytest.raises(RuntimeError, match=r"sparse gradients .*SparseAdam"):
         Adam([q]).step()
+
+
+def test_a_wrappers_own_group_keys_do_not_stop_the_step():
+    # SAM-style wrappers build the base optimizer from their own groups, which carry their keys.
+    torch.manual_seed(0)
+    p0, g = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    a, b = nn.Parameter(p0.clone()), nn.Parameter(p0.clone())
+    sam_keys = {"rho": 0.05, "adaptive": True, "lambd": 0.5, "sigma": 1.0}
+    ours = Adam([{"params": [a], **sam_keys}], lr=0.1, weight_decay=0.0)
+    plain = Adam([b], lr=0.1, weight_decay=0.0)
+    for _ in range(3):
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        plain.step()
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source", ["rustadam", "torch"])
+def test_a_checkpoint_of_an_empty_channels_last_parameter_loads(source):
+    # Empty and channels_last: strides (0, 1, 12, 4), a stride 0 over no elements at all.
+    p = nn.Parameter(torch.zeros(2, 4, 0, 3).contiguous(memory_format=torch.channels_last))
+    q = nn.Parameter(torch.randn(3))
+    first = (Adam if source == "rustadam" else torch.optim.Adam)([p, q], lr=0.1)
+    p.grad, q.grad = torch.zeros_like(p), torch.randn(3)
+    first.step()
+    second = Adam([p, q], lr=0.1)
+    second.load_state_dict(first.state_dict())
+    assert second.state[p]["step"] == 1 and second.state[q]["step"] == 1
+    p.grad, q.grad = torch.zeros_like(p), torch.randn(3)
+    second.step()
+    assert second.state[q]["step"] == 2

@@ -178,7 +178,10 @@ def _check_param_state(
                     f"the loaded state of {name} has {key!r} of layout {value.layout}; it is "
                     "updated in place as a dense (torch.strided) tensor"
                 )
-            if any(n > 1 and st == 0 for n, st in zip(value.shape, value.stride())):
+            # (An empty tensor has no elements to share: channels_last gives one stride 0.)
+            if value.numel() > 1 and any(
+                n > 1 and st == 0 for n, st in zip(value.shape, value.stride())
+            ):
                 raise ValueError(
                     f"the loaded state of {name} has {key!r} with a stride of 0 (an expanded "
                     "view); it is updated in place, so every element needs memory of its own"

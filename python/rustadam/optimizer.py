@@ -38,10 +38,10 @@ _ROUNDINGS = ("nearest", "stochastic", "kahan")
 # Group keys of other optimizers that would change the math; refused rather than ignored.
 _REFUSED_KEYS = (
     "differentiable", "nesterov", "amsbound", "decoupled", "rectify", "momentum",
-    # Other torch optimizers' math (NAdam, Adagrad, SGD, RMSprop, Adadelta, ASGD, Rprop): a
-    # checkpoint of theirs must not load and step as plain Adam.
-    "momentum_decay", "lr_decay", "initial_accumulator_value", "dampening", "centered", "rho",
-    "lambd", "t0", "etas", "step_sizes",
+    # NAdam's, whose checkpoints have Adam's keys too (other torch optimizers' lack betas and
+    # are refused for that). Not generic names: wrappers such as SAM keep keys of their own
+    # (rho, adaptive, lambd) in the groups they hand to the base optimizer.
+    "momentum_decay",
 )  # fmt: skip
 # The per-parameter methods a subclass may override; any override sends the whole step through
 # them, one parameter at a time.
