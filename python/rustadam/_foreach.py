@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from rustadam import _rounding
+from rustadam import _core, _rounding
 
 _HALF = (torch.float16, torch.bfloat16)
 _EXACT = (torch.Tensor, torch.nn.Parameter)
@@ -383,23 +383,18 @@ def _refusal(
             f"its {role} is a conjugate view (is_conj() is set); it is written in place, "
             "so resolve it (resolve_conj()) first"
         )
-    if not t.is_contiguous() and t.numel() > 1 and _self_overlaps(t):
+    if not t.is_contiguous() and self_overlaps(t):
         return (
             f"its {role} has elements that share memory (an expanded view?); it is written in place"
         )
     return None
 
 
-def _self_overlaps(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` share memory (strides sorted, each must pass the extent of
-    the smaller ones)."""
-    dims = sorted((abs(s), n) for n, s in zip(t.shape, t.stride()) if n > 1)
-    extent = 1
-    for s, n in dims:
-        if s < extent:
-            return True
-        extent = s * (n - 1) + extent
-    return False
+def self_overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory, by the core's own proof
+    (``_core.non_overlapping``: strides sorted, each must pass the reach of the smaller ones),
+    so that every path refuses the same written views."""
+    return t.numel() > 1 and not _core.non_overlapping(tuple(t.shape), t.stride())
 
 
 def span(t: torch.Tensor) -> Optional[tuple[int, int]]:

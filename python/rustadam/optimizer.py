@@ -1254,7 +1254,7 @@ def _state_tensor(
 def _written_in_place(t: torch.Tensor, what: str, label: str) -> None:
     """Refuses a written buffer whose elements may share memory (an expanded view, windows
     over one row), as the core does."""
-    if t.numel() > 1 and not _core.non_overlapping(tuple(t.shape), t.stride()):
+    if _foreach.self_overlaps(t):
         raise RuntimeError(
             f"{label}: its {what} has elements that share memory (an expanded view?); it is "
             "written in place"
