@@ -137,10 +137,10 @@ fn entry<'py>(
     };
     // Setting "step" after the writes compares it with keys of the same hash: only str keys
     // are sure to run no Python code there (and to raise nothing).
+    // (Walked in place: `keys()` would build a list per parameter per step.)
     if state
-        .keys()
         .iter()
-        .any(|k| !k.is_exact_instance_of::<PyString>())
+        .any(|(k, _)| !k.is_exact_instance_of::<PyString>())
     {
         return Ok(None);
     }
