@@ -48,11 +48,11 @@ pub(crate) struct Torch {
     /// tensor or storage: calling them directly skips the lookup (read for every buffer of
     /// every step), and these types are immutable, so no Python code can replace them (a
     /// `torch.UntypedStorage.__len__` assigned by user code would lie about a storage's size).
-    is_neg: Py<PyAny>,
-    is_conj: Py<PyAny>,
-    untyped_storage: Py<PyAny>,
-    storage_data_ptr: Py<PyAny>,
-    storage_nbytes: Py<PyAny>,
+    is_neg: NoArgs,
+    is_conj: NoArgs,
+    untyped_storage: NoArgs,
+    storage_data_ptr: NoArgs,
+    storage_nbytes: NoArgs,
     /// `torch._C.StorageBase` and its C `__len__` (its size in bytes), called directly where
     /// this Python exposes a static type's slots (3.10 and later) and it agrees with
     /// `nbytes()`: a method call costs more than the rest of the check.
@@ -96,13 +96,15 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
     let identity_hash = identity_hash(&tensor)?;
     let c = m.getattr("_C")?;
     let (tensor_base, storage_base) = (c.getattr("TensorBase")?, c.getattr("StorageBase")?);
+    let probe = tensor.call0()?;
+    let storage_probe = m.getattr("UntypedStorage")?.call1((24,))?;
     let t = Torch {
-        is_neg: tensor_base.getattr("is_neg")?.unbind(),
-        is_conj: tensor_base.getattr("is_conj")?.unbind(),
-        untyped_storage: tensor_base.getattr("untyped_storage")?.unbind(),
-        storage_data_ptr: storage_base.getattr("data_ptr")?.unbind(),
-        storage_nbytes: storage_base.getattr("nbytes")?.unbind(),
-        storage_len: storage_len(py, &storage_base)?,
+        is_neg: NoArgs::new(&tensor_base, "is_neg", &probe)?,
+        is_conj: NoArgs::new(&tensor_base, "is_conj", &probe)?,
+        untyped_storage: NoArgs::new(&tensor_base, "untyped_storage", &probe)?,
+        storage_data_ptr: NoArgs::new(&storage_base, "data_ptr", &storage_probe)?,
+        storage_nbytes: NoArgs::new(&storage_base, "nbytes", &storage_probe)?,
+        storage_len: storage_len(py, &storage_base, &storage_probe)?,
         storage_base: storage_base.clone().cast_into::<PyType>()?.unbind(),
         attributes: [
             tensor_base.getattr("layout")?.unbind(),
@@ -138,7 +140,11 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
 
 /// `StorageBase`'s C `__len__`, where Python gives a static type's slots (3.10 and later) and
 /// it answers as `nbytes()` does on a probe; None otherwise.
-fn storage_len(py: Python<'_>, storage_base: &Bound<'_, PyAny>) -> PyResult<Option<ffi::lenfunc>> {
+fn storage_len(
+    py: Python<'_>,
+    storage_base: &Bound<'_, PyAny>,
+    probe: &Bound<'_, PyAny>,
+) -> PyResult<Option<ffi::lenfunc>> {
     if py.version_info() < (3, 10) {
         return Ok(None);
     }
@@ -151,14 +157,7 @@ fn storage_len(py: Python<'_>, storage_base: &Bound<'_, PyAny>) -> PyResult<Opti
     }
     // SAFETY: the `Py_sq_length` slot holds a `lenfunc`.
     let len = unsafe { std::mem::transmute::<*mut std::ffi::c_void, ffi::lenfunc>(slot) };
-    let probe = py
-        .import("torch")?
-        .getattr("UntypedStorage")?
-        .call1((24,))?;
-    let nbytes: isize = storage_base
-        .getattr("nbytes")?
-        .call1((&probe,))?
-        .extract()?;
+    let nbytes: isize = storage_base.getattr("nbytes")?.call1((probe,))?.extract()?;
     // SAFETY: `probe` is an instance of `StorageBase`, alive, with the GIL held.
     let n = unsafe { len(probe.as_ptr()) };
     Ok((n == nbytes && n == 24).then_some(len))
@@ -298,6 +297,60 @@ fn call_one<'py>(f: &Py<PyAny>, t: &Bound<'py, PyAny>) -> PyResult<Bound<'py, Py
     }
 }
 
+/// A method of one of torch's C types that takes no argument (`is_neg`, `untyped_storage`,
+/// …). Where Python shows it as a C function of that kind (`METH_NOARGS`), it is called as
+/// that function, `f(self, NULL)`, as Python's own call ends up doing: the descriptor's
+/// argument and type checks it skips are made for every buffer of every step (about 1 ms of a
+/// 16 ms step of 4,000 parameters). Otherwise (another Python, another torch) through the
+/// descriptor.
+struct NoArgs {
+    descriptor: Py<PyAny>,
+    direct: Option<ffi::PyCFunction>,
+}
+
+impl NoArgs {
+    /// `ty.name`, checked on `probe`, an instance of `ty`.
+    fn new(ty: &Bound<'_, PyAny>, name: &str, probe: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let descriptor = ty.getattr(name)?;
+        let bound = descriptor.call_method1("__get__", (probe,))?;
+        let b = bound.as_ptr();
+        // SAFETY: a live object and the GIL held; the getters are asked only of a C function
+        // object (PyCFunction_Check).
+        let direct = unsafe {
+            let noargs = ffi::PyCFunction_Check(b) != 0
+                && ffi::PyCFunction_GetFlags(b) == ffi::METH_NOARGS
+                && ffi::PyCFunction_GetSelf(b) == probe.as_ptr();
+            if noargs {
+                ffi::PyCFunction_GetFunction(b)
+            } else {
+                None
+            }
+        };
+        Ok(Self {
+            descriptor: descriptor.unbind(),
+            direct,
+        })
+    }
+
+    /// The method called on `obj`.
+    ///
+    /// # Safety
+    /// `obj` is an instance of the type the method was looked up on (the direct call does not
+    /// check, as the descriptor would).
+    unsafe fn call<'py>(&self, obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        match self.direct {
+            // SAFETY: a METH_NOARGS function takes (self, NULL) and returns a new reference
+            // or NULL with an exception set; `obj` is of its type (the contract), alive, and
+            // the GIL is held.
+            Some(f) => unsafe {
+                let r = f(obj.as_ptr(), std::ptr::null_mut());
+                Bound::from_owned_ptr_or_err(obj.py(), r)
+            },
+            None => call_one(&self.descriptor, obj),
+        }
+    }
+}
+
 /// `torch.Tensor.__hash__` if it hashes a tensor by its identity, as torch defines it.
 fn identity_hash(tensor: &Bound<'_, PyAny>) -> PyResult<Option<Py<PyAny>>> {
     let f = tensor.getattr("__hash__")?;
@@ -351,15 +404,19 @@ impl Torch {
 
     /// A storage's memory: its first byte and its size in bytes.
     fn storage_memory(&self, storage: &Bound<'_, PyAny>) -> PyResult<(usize, usize)> {
-        let base = call_one(&self.storage_data_ptr, storage)?.extract()?;
         let py = storage.py();
         let ty = storage.get_type_ptr();
-        let is_storage = || {
-            // SAFETY: both are live type objects; the GIL is held.
-            unsafe { ffi::PyType_IsSubtype(ty, self.storage_base.as_ptr().cast()) != 0 }
-        };
+        // SAFETY: both are live type objects; the GIL is held.
+        if unsafe { ffi::PyType_IsSubtype(ty, self.storage_base.as_ptr().cast()) } == 0 {
+            return Err(PyTypeError::new_err(format!(
+                "untyped_storage() gave a {}, not a torch storage",
+                storage.get_type().name()?
+            )));
+        }
+        // SAFETY: `storage` is an instance of `StorageBase`, the methods' type (just checked).
+        let base = unsafe { self.storage_data_ptr.call(storage) }?.extract()?;
         let nbytes = match self.storage_len {
-            Some(len) if is_storage() => {
+            Some(len) => {
                 // SAFETY: `len` is `StorageBase`'s own C `__len__` and `storage` an instance of
                 // it (checked just above), alive and with the GIL held.
                 let n = unsafe { len(storage.as_ptr()) };
@@ -367,7 +424,8 @@ impl Torch {
                     PyErr::take(py).unwrap_or_else(|| PyTypeError::new_err("a storage's size"))
                 })?
             }
-            _ => call_one(&self.storage_nbytes, storage)?.extract()?,
+            // SAFETY: as for `data_ptr` above.
+            None => unsafe { self.storage_nbytes.call(storage) }?.extract()?,
         };
         Ok((base, nbytes))
     }
@@ -439,10 +497,14 @@ pub(crate) fn read(
             (ptr, dtype, complex, shape, strides)
         }
     };
-    if call_one(&th.is_neg, t)?.extract::<bool>()? {
+    // SAFETY: `t` is exactly a tensor (checked above), an instance of `TensorBase`, the
+    // method's type.
+    let neg = unsafe { th.is_neg.call(t) }?;
+    if neg.extract::<bool>()? {
         return Ok(Err(Refusal::NegView));
     }
-    if complex && call_one(&th.is_conj, t)?.extract::<bool>()? {
+    // SAFETY: as for `is_neg`.
+    if complex && unsafe { th.is_conj.call(t) }?.extract::<bool>()? {
         return Ok(Err(Refusal::ConjView));
     }
     if complex {
@@ -489,7 +551,11 @@ pub(crate) fn hold(
     let Some((lo, hi)) = m.range else {
         return Ok(Ok(()));
     };
-    let storage = call_one(&th.untyped_storage, t)?;
+    if !is_exact_tensor(t, th) {
+        return Err(PyTypeError::new_err("hold: not exactly a torch.Tensor"));
+    }
+    // SAFETY: `t` is exactly a tensor (just checked), an instance of `TensorBase`.
+    let storage = unsafe { th.untyped_storage.call(t) }?;
     let (base, nbytes) = th.storage_memory(&storage)?;
     let size = m.dtype.size() as isize;
     let at = m.ptr.wrapping_sub(base) as isize;
