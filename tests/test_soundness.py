@@ -511,6 +511,30 @@ def test_expanded_moment_in_a_state_dict_changes_nothing(backend, which):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda shape: torch.zeros(1).expand(shape),
+        # A window over one row: no stride is 0, yet elements share memory.
+        lambda shape: torch.zeros(2 * shape[0]).as_strided(shape, (1,) * len(shape)),
+    ],
+    ids=["expanded", "windowed"],
+)
+def test_a_moment_whose_elements_share_memory_is_refused_at_load(backend, view):
+    opt, params, _ = three_groups(backend)
+    sd = copy.deepcopy(opt.state_dict())
+    shape = tuple(params[2].shape)
+    sd["state"][2]["exp_avg"] = view(shape)
+    from rustadam import _core
+
+    assert not _core.non_overlapping(shape, sd["state"][2]["exp_avg"].stride())
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match="'exp_avg' with elements that share memory"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before, "load_state_dict refused")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lr", [-0.1, math.nan])
 def test_invalid_lr_on_a_later_group_refuses_the_step(backend, lr):
     opt, _params, _ = three_groups(backend)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from rustadam._foreach import self_overlaps
 from rustadam.functional import param_label
 from rustadam.weight_decay import WeightDecay
 
@@ -178,13 +179,14 @@ def _check_param_state(
                     f"the loaded state of {name} has {key!r} of layout {value.layout}; it is "
                     "updated in place as a dense (torch.strided) tensor"
                 )
-            # (An empty tensor has no elements to share: channels_last gives one stride 0.)
-            if value.numel() > 1 and any(
-                n > 1 and st == 0 for n, st in zip(value.shape, value.stride())
-            ):
+            # The proof a step makes before writing it (an empty tensor has no elements to
+            # share: channels_last gives it a stride of 0).
+            if self_overlaps(value):
                 raise ValueError(
-                    f"the loaded state of {name} has {key!r} with a stride of 0 (an expanded "
-                    "view); it is updated in place, so every element needs memory of its own"
+                    f"the loaded state of {name} has {key!r} with elements that share memory "
+                    f"(strides {tuple(value.stride())} for shape {tuple(value.shape)}: an "
+                    "expanded or windowed view); it is updated in place, so every element "
+                    "needs memory of its own"
                 )
 
 
