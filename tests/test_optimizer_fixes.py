@@ -915,6 +915,54 @@ def test_a_state_key_whose_comparison_raises_leaves_the_step_undone():
         assert opt.state[p]["step"] == 1
 
 
+class _RefusesCounts(dict):
+    """A state dict whose own __setitem__ refuses a new step count."""
+
+    def __setitem__(self, key, value):
+        if key == "step":
+            raise RuntimeError("this state refuses a new step count")
+        super().__setitem__(key, value)
+
+
+class _Plain(torch.Tensor):  # any plain subclass: stepped with torch's foreach ops
+    pass
+
+
+@pytest.mark.parametrize("other", ["none", "meta", "subclass"])
+def test_a_state_dict_subclass_that_refuses_the_count_leaves_the_step_undone(other):
+    # Its __setitem__ runs when the count is set, after the writes: with a parameter on
+    # another path beside it, the count was set in Python after the core had written.
+    a = nn.Parameter(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    ps = [a]
+    if other == "meta":
+        ps.append(nn.Parameter(torch.zeros(3, dtype=torch.float64, device="meta")))
+    elif other == "subclass":
+        ps.append(nn.Parameter(torch.zeros(3, dtype=torch.float64).as_subclass(_Plain)))
+    opt = Adam(ps, lr=0.1)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[a] = _RefusesCounts(opt.state[a])
+    before = (a.detach().clone(), opt.state[a]["exp_avg"].clone())
+    with pytest.raises(RuntimeError, match="refuses a new step count"):
+        opt.step()
+    torch.testing.assert_close(a.detach(), before[0], rtol=0, atol=0)
+    torch.testing.assert_close(opt.state[a]["exp_avg"], before[1], rtol=0, atol=0)
+    assert opt.state[a]["step"] == 1
+    # A dict subclass that accepts the count steps as a plain dict does.
+    opt.state[a] = dict(opt.state[a])
+    ref = Adam([nn.Parameter(before[0].clone())], lr=0.1)
+    ref.state[ref.param_groups[0]["params"][0]] = {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[a].items()
+    }
+    opt.state[a] = type("Accepting", (dict,), {})(opt.state[a])
+    ref.param_groups[0]["params"][0].grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(a.detach(), ref.param_groups[0]["params"][0].detach())
+    assert opt.state[a]["step"] == 2
+
+
 @pytest.mark.parametrize("backend", ["auto", "rust", "torch"])
 def test_a_parameter_of_overlapping_windows_is_refused_on_every_path(backend):
     # Three windows of three over five floats: element (i, j) and (i + 1, j - 1) are one.

@@ -806,12 +806,15 @@ class Adam(Optimizer):
             states: list[dict[str, Any]] = []
             for i, param, grad in self._grads(gi, group, only):
                 state = self._state(gi, group, i, param, created)
-                if seen.setdefault(id(state), param) is not param or not all(
-                    type(k) is str for k in state
+                if (
+                    seen.setdefault(id(state), param) is not param
+                    or type(state) is not dict
+                    or not all(type(k) is str for k in state)
                 ):
                     # One state dict for two parameters counts twice, as torch's loop does;
-                    # a key that is not a str may run Python code when "step" is set, after
-                    # the writes: both for the loop, one parameter at a time, undone on error.
+                    # a dict subclass's own __setitem__, or a key that is not a str, may run
+                    # Python code when "step" is set, after the writes: all for the loop, one
+                    # parameter at a time, undone on error.
                     # (A parameter listed twice is refused by name below.)
                     raise _LoopOnly
                 # The buffers the core steps (a DTensor's local shards where it has them).
