@@ -821,3 +821,43 @@ def test_a_torch_function_mode_cannot_answer_the_metadata_reads(backend):
     assert lines[0] == "refused True", out
     assert lines[1] == "asked []", out
     assert lines[2] == "guard True 1", out
+
+
+def test_a_fake_tensor_passed_off_as_a_parameter_is_refused_by_name():
+    # A fake tensor (meta storage, offset 500) whose class was set to nn.Parameter, with a
+    # TorchDispatchMode answering its device as the CPU: the core took the storage's null
+    # base plus the offset as an address and wrote there (segfault).
+    out = run_case(
+        r"""
+        import warnings
+        warnings.simplefilter("ignore")
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from rustadam import Adam
+
+        class CpuDevice(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.prim.device.default:
+                    return torch.device("cpu")
+                return func(*args, **(kwargs or {}))
+
+        for backend in ("auto", "rust"):
+            with FakeTensorMode():
+                x = torch.empty(1000)[500:504]
+            x.__class__ = torch.nn.Parameter
+            with CpuDevice():
+                assert x.device == torch.device("cpu") and x.untyped_storage().data_ptr() == 0
+                x.grad = torch.ones(4)
+                opt = Adam([x], lr=0.1, backend=backend)
+                m, v = torch.zeros(4), torch.zeros(4)
+                opt.state[x] = {"step": 0, "exp_avg": m, "exp_avg_sq": v}
+                try:
+                    opt.step()
+                    print(backend, "stepped")
+                except RuntimeError as e:
+                    print(backend, "refused:", str(e)[:90])
+                assert opt.state[x]["step"] == 0 and not m.any() and not v.any()
+        """
+    )
+    for backend in ("auto", "rust"):
+        assert f"{backend} refused: param_groups[0]['params'][0]" in out, out

@@ -76,6 +76,9 @@ pub(crate) enum Problem {
     SelfOverlap(Role),
     /// The buffer's view does not fit its storage.
     Storage(Role, Refusal),
+    /// Torch raised reading the buffer's metadata (a fake tensor made to pass for a
+    /// parameter, whose device only a mode could answer): its message.
+    Unreadable(Role, String),
 }
 
 impl Problem {
@@ -92,6 +95,7 @@ impl Problem {
             Problem::SharedWith(a, b) => {
                 format!("its {} shares memory with its {}", a.name(), b.name())
             }
+            Problem::Unreadable(r, e) => format!("its {} could not be read: {e}", r.name()),
             Problem::SelfOverlap(r) => format!(
                 "its {} has elements that share memory (an expanded view?); it is written in \
                  place",
@@ -216,6 +220,13 @@ fn read_item(
                 problem = Some(Ok(Problem::Deferred(*r, why)));
                 break;
             }
+            // Torch's own error: named as this buffer's. (A TypeError names it already;
+            // anything else, KeyboardInterrupt say, is not about the buffer.)
+            Err(e) if e.is_instance_of::<PyRuntimeError>(obj.py()) => {
+                let why = e.value(obj.py()).to_string();
+                problem = Some(Ok(Problem::Unreadable(*r, why)));
+                break;
+            }
             Err(e) => {
                 problem = Some(Err(e));
                 break;
@@ -316,7 +327,7 @@ fn span(r: Role, m: &Meta) -> Span {
 /// Reads and checks every buffer of every group; see `plan` in the module.
 pub(crate) fn build(py: Python<'_>, groups: &[GroupInput<'_>], strict: bool) -> PyResult<Plan> {
     let th = tensor::torch(py)?;
-    let _no_modes = tensor::NoTorchFunction::enter(py, th)?;
+    let _no_modes = tensor::NoModes::enter(py, th)?;
     let mut configs = Vec::with_capacity(groups.len());
     let mut items = Vec::with_capacity(groups.iter().map(|g| g.params.len()).sum());
     let mut deferred = Vec::new();

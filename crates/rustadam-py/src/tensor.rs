@@ -65,8 +65,10 @@ pub(crate) struct Torch {
     increment_version: Py<PyAny>,
     /// `gc.isenabled`, `gc.disable` and `gc.enable`, for `NoCollection`.
     gc: [Py<PyAny>; 3],
-    /// `torch._C.DisableTorchFunction`, entered while buffers are read.
+    /// `torch._C.DisableTorchFunction` and `torch._C._DisableTorchDispatch`, entered while
+    /// buffers are read.
     disable_torch_function: Py<PyAny>,
+    disable_torch_dispatch: Py<PyAny>,
     /// (torch dtype, element type, complex: each element is a pair of reals)
     dtypes: Vec<(Py<PyAny>, DType, bool)>,
     /// torch's objects are laid out as `prefetch` assumes: cache hints may be given.
@@ -115,6 +117,7 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
             tensor_base.getattr("data_ptr")?.unbind(),
         ],
         disable_torch_function: c.getattr("DisableTorchFunction")?.unbind(),
+        disable_torch_dispatch: c.getattr("_DisableTorchDispatch")?.unbind(),
         increment_version: c.getattr("_increment_version")?.unbind(),
         gc: {
             let gc = py.import("gc")?;
@@ -163,28 +166,33 @@ fn storage_len(
     Ok((n == nbytes && n == 24).then_some(len))
 }
 
-/// Torch-function modes and subclass handlers switched off for as long as it lives: an active
+/// Torch-function and torch-dispatch modes switched off for as long as it lives: an active
 /// `TorchFunctionMode` would otherwise run its own Python code for (and answer) the metadata
-/// calls `read` makes, `is_neg()` included.
-pub(crate) struct NoTorchFunction<'py>(Bound<'py, PyAny>);
+/// calls `read` makes, `is_neg()` included, and a `TorchDispatchMode` would answer the device
+/// of a tensor whose device torch asks Python for (a fake tensor whose class was set to
+/// `torch.nn.Parameter`): with both off, such a question raises instead.
+pub(crate) struct NoModes<'py>([Bound<'py, PyAny>; 2]);
 
-impl<'py> NoTorchFunction<'py> {
+impl<'py> NoModes<'py> {
     pub(crate) fn enter(py: Python<'py>, th: &Torch) -> PyResult<Self> {
-        let guard = th.disable_torch_function.bind(py).call0()?;
-        guard.call_method0(intern!(py, "__enter__"))?;
-        Ok(Self(guard))
+        let function = th.disable_torch_function.bind(py).call0()?;
+        let dispatch = th.disable_torch_dispatch.bind(py).call0()?;
+        function.call_method0(intern!(py, "__enter__"))?;
+        // Entered, the first guard must be left whatever happens to the second.
+        let guards = Self([function, dispatch.clone()]);
+        dispatch.call_method0(intern!(py, "__enter__"))?;
+        Ok(guards)
     }
 }
 
-impl Drop for NoTorchFunction<'_> {
+impl Drop for NoModes<'_> {
     fn drop(&mut self) {
-        let py = self.0.py();
-        let none = py.None();
-        if let Err(e) = self
-            .0
-            .call_method1(intern!(py, "__exit__"), (&none, &none, &none))
-        {
-            e.write_unraisable(py, Some(&self.0));
+        for guard in self.0.iter().rev() {
+            let py = guard.py();
+            let none = py.None();
+            if let Err(e) = guard.call_method1(intern!(py, "__exit__"), (&none, &none, &none)) {
+                e.write_unraisable(py, Some(guard));
+            }
         }
     }
 }
@@ -203,7 +211,8 @@ pub(crate) enum Refusal {
     NegView,
     /// A conjugate view (`is_conj()`): its memory holds the conjugate.
     ConjView,
-    /// No memory of its own (a freed storage, a wrapper): `data_ptr()` is 0.
+    /// No memory of its own (a freed storage, a wrapper, a meta storage): its `data_ptr()` or
+    /// its storage's is 0.
     NoData,
     /// Its view reaches outside its storage (a storage shrunk after the view was made, or a
     /// tensor whose data another thread replaced while it was read): it covers bytes
@@ -229,7 +238,10 @@ impl fmt::Display for Refusal {
             Self::Layout(l) => write!(f, "its layout is {l}, not torch.strided"),
             Self::NegView => write!(f, "it is a negative view (is_neg() is set)"),
             Self::ConjView => write!(f, "it is a conjugate view (is_conj() is set)"),
-            Self::NoData => write!(f, "it has no data of its own (data_ptr() is 0)"),
+            Self::NoData => write!(
+                f,
+                "it has no data of its own (its data_ptr() or its storage's is 0)"
+            ),
             Self::OutsideStorage { start, end, nbytes } => write!(
                 f,
                 "its view covers bytes [{start}, {end}) of its storage, which has {nbytes}"
@@ -557,6 +569,10 @@ pub(crate) fn hold(
     // SAFETY: `t` is exactly a tensor (just checked), an instance of `TensorBase`.
     let storage = unsafe { th.untyped_storage.call(t) }?;
     let (base, nbytes) = th.storage_memory(&storage)?;
+    if base == 0 {
+        // A storage without memory (a meta storage): the view's address is its offset alone.
+        return Ok(Err(Refusal::NoData));
+    }
     let size = m.dtype.size() as isize;
     let at = m.ptr.wrapping_sub(base) as isize;
     let byte = |i: isize| i.checked_mul(size).and_then(|b| b.checked_add(at));
