@@ -40,6 +40,28 @@ def test_invalid_hyper_parameters(kwargs: dict[str, Any], message: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": -1},
+        {"eps": -1},
+        {"betas": (1, 0.999)},
+        {"betas": (0.9, -1)},
+        {"lr": torch.tensor(-1.0)},
+        {"lr": torch.tensor([-0.5])},
+        {"betas": (0.9, torch.tensor(1.0))},
+    ],
+    ids=["int lr", "int eps", "int beta1", "int beta2", "0-dim lr", "1-dim lr", "tensor beta2"],
+)
+def test_invalid_values_are_shown_as_given_as_torch_shows_them(kwargs: dict[str, Any]) -> None:
+    messages = []
+    for cls in (torch.optim.Adam, Adam):
+        with pytest.raises(ValueError) as info:
+            cls([param(2)], **kwargs)
+        messages.append(str(info.value))
+    assert messages[1] == messages[0]
+
+
+@pytest.mark.parametrize(
     ("key", "value"),
     [
         ("lr", "0.1"),

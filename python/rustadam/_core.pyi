@@ -10,7 +10,7 @@ module appears here with the same parameters, and nothing else does. Sections:
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, SupportsFloat, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -28,16 +28,17 @@ Rounding = Literal["nearest", "stochastic", "kahan"]
 class Config:
     """One parameter group's hyper-parameters, validated by the core's rules.
 
-    Invalid values raise ValueError with torch's messages (``Invalid learning rate: -1.0``, …).
+    The numbers may be any objects Python converts to float (a 1-element tensor). Invalid values
+    raise ValueError with torch's messages, each value as given (``Invalid learning rate: -1``).
     """
 
     def __init__(
         self,
         *,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-16,
-        weight_decay: float = 0.0,
+        lr: SupportsFloat = 1e-3,
+        betas: tuple[SupportsFloat, SupportsFloat] = (0.9, 0.999),
+        eps: SupportsFloat = 1e-16,
+        weight_decay: SupportsFloat = 0.0,
         weight_decouple: bool = True,
         absolute: bool = False,
         optimized_update: bool = True,

@@ -32,6 +32,7 @@ raises for a tensor the core cannot take).
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -103,10 +104,10 @@ def adam(
     step raises before anything is written.
     """
     config = _core.Config(
-        lr=float(lr),
-        betas=(float(betas[0]), float(betas[1])),
-        eps=float(eps),
-        weight_decay=float(weight_decay),
+        lr=lr,
+        betas=(betas[0], betas[1]),
+        eps=eps,
+        weight_decay=weight_decay,
         weight_decouple=weight_decouple,
         absolute=absolute,
         optimized_update=optimized_update,
@@ -114,18 +115,55 @@ def adam(
         amsgrad=amsgrad,
         rounding=rounding,
     )
+    params = list(params)
+    n = len(params)
+    if amsgrad != (max_exp_avg_sqs is not None):
+        raise ValueError("adam: max_exp_avg_sqs must be given exactly when amsgrad is set")
+    if compensations is not None and rounding != "kahan":
+        raise ValueError("adam: compensations are taken only with rounding='kahan'")
+    if rounding == "kahan" and compensations is None:
+        compensations = [None] * n  # a 16-bit parameter without one is refused by name
     work = GroupWork(
         config,
-        list(params),
+        params,
         list(grads),
         list(exp_avgs),
         list(exp_avg_sqs),
-        list(steps),
-        list(seeds) if seeds is not None else [0] * len(params),
+        [_count(t, k) for k, t in enumerate(steps)],
+        list(seeds) if seeds is not None else [0] * n,
         None if max_exp_avg_sqs is None else list(max_exp_avg_sqs),
         None if compensations is None else list(compensations),
     )
+    lists = {
+        "grads": work.grads,
+        "exp_avgs": work.exp_avgs,
+        "exp_avg_sqs": work.exp_avg_sqs,
+        "steps": work.steps,
+        "seeds": work.seeds,
+        "max_exp_avg_sqs": work.max_exp_avg_sqs,
+        "compensations": work.compensations,
+    }
+    for name, lst in lists.items():
+        if lst is not None and len(lst) != n:
+            raise ValueError(f"adam: {name} has {len(lst)} entries for {n} parameters")
     run_groups([work], backend=backend, num_threads=num_threads)
+
+
+def _count(t: Any, k: int) -> int:
+    """``steps[k]`` as the int every path takes: t after this update, from 1 below 2**63."""
+    try:
+        if isinstance(t, bool):
+            raise TypeError
+        count = operator.index(t)  # an int, numpy or 0-dim integer tensor
+    except TypeError:
+        raise TypeError(
+            f"adam: steps[{k}] is {t!r}; expected an int count (t after this update, from 1)"
+        ) from None
+    if not 1 <= count < 2**63:
+        raise ValueError(
+            f"adam: steps[{k}] is {count}; it counts updates from 1 and must fit in 63 bits"
+        )
+    return count
 
 
 def threads(num_threads: Optional[int]) -> int:
@@ -181,8 +219,6 @@ def check_entry(label: str, entry: tuple[Any, ...]) -> None:
             if sa[0] == sb[0] and sa[1] < sb[2] and sb[1] < sa[2]:
                 raise RuntimeError(f"{label}: its {nb} shares memory with its {na}")
 
-
-_ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "compensation")
 
 
 def _span(t: torch.Tensor) -> Optional[tuple[Any, int, int]]:

@@ -10,6 +10,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 from torch.optim.optimizer import (
     Optimizer,
@@ -254,11 +255,12 @@ class Adam(Optimizer):
             raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
         if _is_number(weight_decay):
             weight_decay = WeightDecay(weight_decay)  # decoupled, as AdamW
-        # The core's rules (and messages) validate every hyper-parameter.
+        # The core's rules (and messages, with the values as given) validate every
+        # hyper-parameter.
         _core.Config(
-            lr=_real_number("lr", lr),
+            lr=_given("lr", lr),
             betas=_pair(betas),
-            eps=_real_number("eps", eps),
+            eps=_given("eps", eps),
             rounding=rounding,
         )
         if backend not in _BACKENDS:
@@ -567,10 +569,10 @@ class Adam(Optimizer):
         try:
             wd = group.get("weight_decay", 0.0)
             return _core.Config(
-                lr=_real_number("lr", group["lr"]),
+                lr=_given("lr", group["lr"]),
                 betas=_pair(group["betas"]),
-                eps=_real_number("eps", group["eps"]),
-                weight_decay=_real_number(
+                eps=_given("eps", group["eps"]),
+                weight_decay=_given(
                     "weight_decay", wd.weight_decay if isinstance(wd, WeightDecay) else wd
                 ),
                 weight_decouple=flags[0],
@@ -1162,9 +1164,19 @@ def _check_threads(num_threads: Any) -> None:
         )
 
 
-def _pair(betas: Any) -> tuple[float, float]:
+def _given(name: str, x: Any) -> Any:
+    """``x`` once ``_real_number`` has checked it, for the core, which converts it to a float
+    and names it as given in its messages (``Invalid learning rate: -1``, as torch): itself,
+    save a numpy array or a 0-dim tensor, given as its item (as torch shows the latter)."""
+    _real_number(name, x)
+    if isinstance(x, np.ndarray) or (isinstance(x, torch.Tensor) and x.dim() == 0):
+        return x.item()
+    return x
+
+
+def _pair(betas: Any) -> tuple[Any, Any]:
     b1, b2 = betas
-    return _real_number("betas[0]", b1), _real_number("betas[1]", b2)
+    return _given("betas[0]", b1), _given("betas[1]", b2)
 
 
 def _k(x: float, dtype: torch.dtype) -> float:

@@ -9,7 +9,8 @@ use rustadam::{AdamConfig, AdamError, Rounding, WeightDecay};
 ///
 /// `Config(lr=1e-3, betas=(0.9, 0.999), eps=1e-16, weight_decay=0.0, weight_decouple=True,
 /// absolute=False, optimized_update=True, maximize=False, amsgrad=False, rounding="nearest")`;
-/// invalid values raise ValueError with torch's messages (`Invalid learning rate: -1.0`, …).
+/// the numbers may be any objects Python converts to float (a 1-element tensor); invalid values
+/// raise ValueError with torch's messages, each value as given (`Invalid learning rate: -1`, …).
 #[pyclass(frozen, module = "rustadam._core", name = "Config")]
 #[derive(Clone)]
 pub(crate) struct Config {
@@ -35,20 +36,31 @@ fn rounding_name(r: Rounding) -> &'static str {
     }
 }
 
-/// Validates a config by the core's rules; ValueError with torch's message otherwise (values
-/// written as Python writes floats: `-1.0`, `1e-08`).
-pub(crate) fn validated(py: Python<'_>, cfg: AdamConfig) -> PyResult<AdamConfig> {
+/// The values a config was given, as given: torch's messages show them so (`-1` for an int,
+/// `tensor(-1.)` for a tensor).
+struct Given<'a, 'py> {
+    lr: &'a Bound<'py, PyAny>,
+    betas: [&'a Bound<'py, PyAny>; 2],
+    eps: &'a Bound<'py, PyAny>,
+    weight_decay: &'a Bound<'py, PyAny>,
+}
+
+/// Validates a config by the core's rules; ValueError with torch's message otherwise, the
+/// value written as the caller gave it.
+fn validated(cfg: AdamConfig, given: &Given<'_, '_>) -> PyResult<AdamConfig> {
     let Err(e) = cfg.validate() else {
         return Ok(cfg);
     };
-    let repr = |v: f64| -> PyResult<String> { Ok(PyFloat::new(py, v).repr()?.to_string()) };
     let msg = match e {
-        AdamError::InvalidLr(v) => format!("Invalid learning rate: {}", repr(v)?),
-        AdamError::InvalidEps(v) => format!("Invalid epsilon value: {}", repr(v)?),
-        AdamError::InvalidBeta { index, value } => {
-            format!("Invalid beta parameter at index {index}: {}", repr(value)?)
+        AdamError::InvalidLr(_) => format!("Invalid learning rate: {}", given.lr.str()?),
+        AdamError::InvalidEps(_) => format!("Invalid epsilon value: {}", given.eps.str()?),
+        AdamError::InvalidBeta { index, .. } => format!(
+            "Invalid beta parameter at index {index}: {}",
+            given.betas[index.min(1)].str()?
+        ),
+        AdamError::InvalidWeightDecay(_) => {
+            format!("Invalid weight_decay value: {}", given.weight_decay.str()?)
         }
-        AdamError::InvalidWeightDecay(v) => format!("Invalid weight_decay value: {}", repr(v)?),
         other => other.to_string(),
     };
     Err(PyValueError::new_err(msg))
@@ -58,16 +70,16 @@ pub(crate) fn validated(py: Python<'_>, cfg: AdamConfig) -> PyResult<AdamConfig>
 impl Config {
     #[new]
     #[pyo3(signature = (
-        *, lr=1e-3, betas=(0.9, 0.999), eps=1e-16, weight_decay=0.0, weight_decouple=true,
+        *, lr=None, betas=None, eps=None, weight_decay=None, weight_decouple=true,
         absolute=false, optimized_update=true, maximize=false, amsgrad=false, rounding="nearest"
     ))]
     #[allow(clippy::too_many_arguments)]
-    fn new(
-        py: Python<'_>,
-        lr: f64,
-        betas: (f64, f64),
-        eps: f64,
-        weight_decay: f64,
+    fn new<'py>(
+        py: Python<'py>,
+        lr: Option<Bound<'py, PyAny>>,
+        betas: Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>,
+        eps: Option<Bound<'py, PyAny>>,
+        weight_decay: Option<Bound<'py, PyAny>>,
         weight_decouple: bool,
         absolute: bool,
         optimized_update: bool,
@@ -75,12 +87,23 @@ impl Config {
         amsgrad: bool,
         rounding: &str,
     ) -> PyResult<Self> {
+        let float = |x: f64| PyFloat::new(py, x).into_any();
+        let lr = lr.unwrap_or_else(|| float(1e-3));
+        let (beta1, beta2) = betas.unwrap_or_else(|| (float(0.9), float(0.999)));
+        let eps = eps.unwrap_or_else(|| float(1e-16));
+        let weight_decay = weight_decay.unwrap_or_else(|| float(0.0));
+        let given = Given {
+            lr: &lr,
+            betas: [&beta1, &beta2],
+            eps: &eps,
+            weight_decay: &weight_decay,
+        };
         let mut cfg = AdamConfig::default()
-            .lr(lr)
-            .betas(betas.0, betas.1)
-            .eps(eps)
+            .lr(lr.extract()?)
+            .betas(beta1.extract()?, beta2.extract()?)
+            .eps(eps.extract()?)
             .weight_decay(WeightDecay::from_flags(
-                weight_decay,
+                weight_decay.extract()?,
                 weight_decouple,
                 absolute,
             ))
@@ -89,7 +112,7 @@ impl Config {
             .amsgrad(amsgrad);
         cfg.rounding = rounding_from_name(rounding)?;
         Ok(Self {
-            inner: validated(py, cfg)?,
+            inner: validated(cfg, &given)?,
         })
     }
 

@@ -1,0 +1,83 @@
+"""rustadam.functional.adam: every backend computes the float64 oracle's step and refuses the
+same calls, by name, changing nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracle import AdamOracle
+
+from rustadam.functional import adam
+
+BACKENDS = ["auto", "rust", "foreach"]
+HYPER = dict(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, optimized_update=False)
+
+
+def buffers(n=3, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(4, generator=gen, dtype=dtype) for _ in range(n)]
+    grads = [torch.randn(4, generator=gen, dtype=dtype) for _ in range(n)]
+    ms = [torch.randn(4, generator=gen, dtype=dtype).mul_(0.1) for _ in range(n)]
+    vs = [torch.rand(4, generator=gen, dtype=dtype).mul_(0.01) for _ in range(n)]
+    return params, grads, ms, vs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_backend_takes_the_oracles_step(backend):
+    params, grads, ms, vs = buffers()
+    steps = [1, 5, 2**40]
+    group = {k: v for k, v in HYPER.items() if k != "optimized_update"}
+    oracle = AdamOracle(
+        [{"params": [p.numpy().copy() for p in params], **group}], optimized_update=False
+    )
+    for i, (m, v, t) in enumerate(zip(ms, vs, steps)):
+        oracle.state[0][i] = {"step": t - 1, "exp_avg": m.numpy().copy(),
+                              "exp_avg_sq": v.numpy().copy()}  # fmt: skip
+    oracle.step([[g.numpy() for g in grads]])
+    adam(params, grads, ms, vs, steps, backend=backend, **HYPER)
+    for i, p in enumerate(params):
+        np.testing.assert_allclose(p.numpy(), oracle.params[0][i], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(ms[i].numpy(), oracle.state[0][i]["exp_avg"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (dict(steps=[1, 2.5, 3]), TypeError, r"steps\[1\] is 2.5; expected an int"),
+        # torch's checkpoints keep the count as a float tensor: its bias correction would come
+        # out in float32 on the torch ops
+        (dict(steps=[1, torch.tensor(2.0), 3]), TypeError, r"steps\[1\] is tensor\(2\.\)"),
+        (dict(steps=[1, True, 3]), TypeError, r"steps\[1\] is True"),
+        (dict(steps=[1, 0, 3]), ValueError, r"steps\[1\] is 0; it counts updates from 1"),
+        (dict(steps=[1, 2**63, 3]), ValueError, "must fit in 63 bits"),
+        (dict(steps=[1, 2]), ValueError, "steps has 2 entries for 3 parameters"),
+        (dict(max_exp_avg_sqs=[torch.zeros(4)] * 3), ValueError, "exactly when amsgrad"),
+        (dict(amsgrad=True), ValueError, "exactly when amsgrad"),
+        (dict(compensations=[None] * 3), ValueError, "only with rounding='kahan'"),
+    ],
+)
+def test_every_backend_refuses_the_same_calls_changing_nothing(backend, bad, error, match):
+    params, grads, ms, vs = buffers()
+    before = [t.clone() for t in params + ms + vs]
+    kw = {"steps": [1, 2, 3], **HYPER, **bad}
+    with pytest.raises(error, match=match):
+        adam(params, grads, ms, vs, backend=backend, **kw)
+    for t, b in zip(params + ms + vs, before):
+        torch.testing.assert_close(t, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kahan_rounding_needs_compensations_only_for_16_bit_parameters(backend):
+    # float32: nothing to compensate, every backend steps it as rounding="nearest" does.
+    results = []
+    for rounding in ("nearest", "kahan"):
+        params, grads, ms, vs = buffers(dtype=torch.float32)
+        adam(params, grads, ms, vs, [1, 2, 3], rounding=rounding, backend=backend, **HYPER)
+        results.append(params)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    params, grads, ms, vs = buffers(dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="needs a compensation buffer for a 16-bit"):
+        adam(params, grads, ms, vs, [1, 2, 3], rounding="kahan", backend=backend, **HYPER)
