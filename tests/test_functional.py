@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracle import AdamOracle
 
+from oracle import AdamOracle
 from rustadam.functional import adam
 
 BACKENDS = ["auto", "rust", "foreach"]

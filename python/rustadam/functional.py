@@ -220,7 +220,6 @@ def check_entry(label: str, entry: tuple[Any, ...]) -> None:
                 raise RuntimeError(f"{label}: its {nb} shares memory with its {na}")
 
 
-
 def _span(t: torch.Tensor) -> Optional[tuple[Any, int, int]]:
     """(device, first byte, end byte) of a tensor's memory, by address (two storages may share
     memory: ``torch.from_numpy`` of one array twice), None where it has none of its own
