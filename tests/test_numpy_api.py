@@ -660,6 +660,35 @@ def test_masked_arrays_are_refused_not_stepped_past_their_mask():
     np.testing.assert_allclose(np.asarray(r), 0.9)
 
 
+def test_a_subclass_running_code_while_checked_cannot_retype_checked_arrays():
+    # The masked-array check asked isinstance(), which reads a subclass's __class__ (a
+    # property: any Python code), after other arrays had been checked: making them float32
+    # views there (twice the elements) had the core write 2n float64 values into n-element
+    # arrays. The arrays are read once, with no Python code in between.
+    n = 1000
+    buf = np.zeros(6 * n)
+    p, outside, g, m = buf[:n], buf[n : 2 * n], buf[2 * n : 3 * n], buf[4 * n : 5 * n]
+    g[:] = 1.0
+    buf[3 * n : 4 * n] = 1.0  # what a view twice as long as g would read as its gradient
+    ran = []
+
+    class Retypes(np.ndarray):
+        @property
+        def __class__(self):
+            if not ran:
+                ran.append(1)
+                for a in (p, g, m):
+                    a.dtype = np.float32
+            return Retypes
+
+    v = np.zeros(2 * n).view(Retypes)  # as many elements as the others will have
+    try:
+        adam_step(p, g, m, v, 1, lr=0.5)
+    except (TypeError, ValueError):
+        pass  # refused: fine, as long as nothing outside the arguments changed
+    assert not outside.any(), f"{np.count_nonzero(outside)} elements outside the arrays written"
+
+
 def test_empty_arrays_anywhere_in_memory_step():
     # numpy calls an empty array aligned wherever its pointer is: it must not become a slice
     # from a misaligned pointer (undefined behaviour), only an empty one.

@@ -14,7 +14,7 @@ use numpy::{dtype, npyffi, PyUntypedArray};
 use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::type_object::PyTypeInfo;
-use pyo3::types::{PyBool, PyDict};
+use pyo3::types::{PyBool, PyDict, PyType};
 use rustadam::{layout, AdamConfig, AnyTensor, Element, ExecOptions, TensorRefs};
 
 /// The arguments' names, in the order a parameter's arrays are checked and borrowed.
@@ -60,7 +60,14 @@ impl DType {
 }
 
 /// Checks one argument and returns its dtype; `TypeError`/`ValueError` naming it otherwise.
-fn check_array(obj: &Bound<'_, PyAny>, name: &str, written: bool) -> PyResult<DType> {
+/// Reads only the array's C fields (no Python code runs), `masked` being `MaskedArray`'s
+/// type where `numpy.ma` was imported.
+fn check_array(
+    obj: &Bound<'_, PyAny>,
+    name: &str,
+    written: bool,
+    masked: Option<&Bound<'_, PyType>>,
+) -> PyResult<DType> {
     let py = obj.py();
     let Ok(arr) = obj.cast::<PyUntypedArray>() else {
         return Err(PyTypeError::new_err(format!(
@@ -68,7 +75,7 @@ fn check_array(obj: &Bound<'_, PyAny>, name: &str, written: bool) -> PyResult<DT
             obj.get_type().name()?
         )));
     };
-    if is_masked(arr)? {
+    if masked.is_some_and(|m| is_subtype(arr, m)) {
         return Err(PyTypeError::new_err(format!(
             "{name} is a numpy.ma.MaskedArray: the step would ignore its mask (update masked \
              entries, read masked gradients); pass its .data to update every entry"
@@ -109,15 +116,28 @@ fn check_array(obj: &Bound<'_, PyAny>, name: &str, written: bool) -> PyResult<DT
     Ok(kind)
 }
 
-/// Whether `arr` is a `numpy.ma.MaskedArray` (looked for only in subclasses of ndarray: none
-/// exists before `numpy.ma` is imported).
-fn is_masked(arr: &Bound<'_, PyUntypedArray>) -> PyResult<bool> {
-    let py = arr.py();
-    if arr.get_type().is(PyUntypedArray::type_object(py)) {
-        return Ok(false);
+/// `numpy.ma.MaskedArray` if an argument is a strict subclass of ndarray (only such can be
+/// masked), None otherwise. Looked up before any array is checked: the import runs Python code.
+fn masked_type<'py>(py: Python<'py>, items: &[Item<'py>]) -> PyResult<Option<Bound<'py, PyType>>> {
+    let ndarray = PyUntypedArray::type_object(py);
+    let subclassed = items
+        .iter()
+        .flat_map(|(objs, _)| objs.iter())
+        .any(|o| o.cast::<PyUntypedArray>().is_ok() && !o.get_type().is(&ndarray));
+    if !subclassed {
+        return Ok(None);
     }
     let masked = py.import("numpy.ma")?.getattr("MaskedArray")?;
-    arr.is_instance(&masked)
+    Ok(Some(masked.cast_into::<PyType>()?))
+}
+
+/// Whether `arr`'s type is `ty` or a subclass of it, by the types' own MRO: never by
+/// `isinstance`, which asks the object's `__class__` (a property a subclass may define, run
+/// between two arrays' checks).
+fn is_subtype(arr: &Bound<'_, PyUntypedArray>, ty: &Bound<'_, PyType>) -> bool {
+    // SAFETY: both are live type objects and the GIL is held; PyType_IsSubtype reads the MRO
+    // tuple alone and runs no Python code.
+    unsafe { pyo3::ffi::PyType_IsSubtype(arr.get_type_ptr(), ty.as_type_ptr()) != 0 }
 }
 
 /// Whether numpy lets the array be written (its WRITEABLE flag).
@@ -157,15 +177,36 @@ struct Checked<'a> {
 }
 
 impl<'a> Checked<'a> {
-    /// Checks `items` (whose dtypes `kinds` gives); `ValueError` naming the array otherwise.
+    /// Checks `items`, with their step counts `steps`; `TypeError`/`ValueError` naming the
+    /// array otherwise. Each parameter's arrays are read once, dtype, shape and memory in one
+    /// pass in which no Python code runs, so that what is checked is what is written.
     fn new(
         items: &'a [Item<'a>],
-        kinds: &[(DType, u64)],
+        steps: &[u64],
         positions: &[Option<usize>],
+        masked: Option<&Bound<'_, PyType>>,
     ) -> PyResult<(Self, Vec<Span>)> {
         let mut spans = Vec::with_capacity(items.len() * 4);
         let (mut f32s, mut f64s) = (Vec::new(), Vec::new());
-        for (((objs, _), &(kind, step)), &index) in items.iter().zip(kinds).zip(positions) {
+        for (((objs, _), &step), &index) in items.iter().zip(steps).zip(positions) {
+            let mut kind = None;
+            for (b, o) in objs.iter().enumerate() {
+                let k = check_array(o, &label(b, index), b != 1, masked)?;
+                match kind {
+                    None => kind = Some(k),
+                    Some(p) if p != k => {
+                        return Err(PyTypeError::new_err(format!(
+                            "{} has dtype {} but {} has dtype {}",
+                            label(b, index),
+                            o.cast::<PyUntypedArray>()?.dtype(),
+                            label(0, index),
+                            objs[0].cast::<PyUntypedArray>()?.dtype(),
+                        )))
+                    }
+                    Some(_) => {}
+                }
+            }
+            let kind = kind.expect("four arrays");
             let arrays: Vec<&Bound<'a, PyUntypedArray>> = objs
                 .iter()
                 .map(|o| o.cast::<PyUntypedArray>())
@@ -331,29 +372,9 @@ fn run(
         .zip(positions)
         .map(|((_, step), &index)| check_step(step, index))
         .collect::<PyResult<Vec<u64>>>()?;
+    let masked = masked_type(py, &items)?;
     // From here to the write no Python code runs: the arrays' checks read their C fields.
-    let mut kinds = Vec::with_capacity(items.len());
-    for ((objs, _), (&index, &step)) in items.iter().zip(positions.iter().zip(&steps)) {
-        let mut kind = None;
-        for (b, o) in objs.iter().enumerate() {
-            let k = check_array(o, &label(b, index), b != 1)?;
-            match kind {
-                None => kind = Some(k),
-                Some(p) if p != k => {
-                    return Err(PyTypeError::new_err(format!(
-                        "{} has dtype {} but {} has dtype {}",
-                        label(b, index),
-                        o.cast::<PyUntypedArray>()?.dtype(),
-                        label(0, index),
-                        objs[0].cast::<PyUntypedArray>()?.dtype(),
-                    )))
-                }
-                Some(_) => {}
-            }
-        }
-        kinds.push((kind.expect("four arrays"), step));
-    }
-    let (mut checked, spans) = Checked::new(&items, &kinds, positions)?;
+    let (mut checked, spans) = Checked::new(&items, &steps, positions, masked.as_ref())?;
     // Claimed in the process-wide registry, as torch steps claim theirs: another step (numpy or
     // torch, in another thread) over the same memory is refused instead of racing this one.
     let _claim = crate::registry::borrow(
