@@ -7,13 +7,15 @@
 use smallvec::SmallVec;
 
 /// The element offsets a strided view reaches, relative to its first element: `(lowest,
-/// highest)`, both inclusive, or `None` when the view has no element.
+/// highest)`, both inclusive, or `None` when the view has no element. A view whose reach does
+/// not fit in `isize` gives `(isize::MIN, isize::MAX)`: it fits in no memory.
 ///
 /// ```
 /// use rustadam::layout::offset_range;
 /// assert_eq!(offset_range(&[2, 3], &[3, 1]), Some((0, 5)));
 /// assert_eq!(offset_range(&[4], &[-2]), Some((-6, 0)));
 /// assert_eq!(offset_range(&[0, 3], &[3, 1]), None);
+/// assert_eq!(offset_range(&[3], &[isize::MAX]), Some((isize::MIN, isize::MAX)));
 /// ```
 ///
 /// # Panics
@@ -23,16 +25,19 @@ pub fn offset_range(shape: &[usize], strides: &[isize]) -> Option<(isize, isize)
     if shape.contains(&0) {
         return None;
     }
-    let (mut lo, mut hi) = (0isize, 0isize);
-    for (&n, &s) in shape.iter().zip(strides) {
-        let reach = (n as isize - 1).checked_mul(s)?;
-        if reach < 0 {
-            lo = lo.checked_add(reach)?;
-        } else {
-            hi = hi.checked_add(reach)?;
+    let reach = || -> Option<(isize, isize)> {
+        let (mut lo, mut hi) = (0isize, 0isize);
+        for (&n, &s) in shape.iter().zip(strides) {
+            let reach = isize::try_from(n - 1).ok()?.checked_mul(s)?;
+            if reach < 0 {
+                lo = lo.checked_add(reach)?;
+            } else {
+                hi = hi.checked_add(reach)?;
+            }
         }
-    }
-    Some((lo, hi))
+        Some((lo, hi))
+    };
+    Some(reach().unwrap_or((isize::MIN, isize::MAX)))
 }
 
 /// Every view helper takes one stride per dimension; zipping unequal lists would silently
@@ -334,6 +339,18 @@ mod tests {
                 "{shape:?} {strides:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_reach_beyond_isize_fits_no_memory() {
+        let nowhere = Some((isize::MIN, isize::MAX));
+        assert_eq!(offset_range(&[usize::MAX], &[1]), nowhere);
+        assert_eq!(offset_range(&[usize::MAX], &[-1]), nowhere);
+        assert_eq!(offset_range(&[3], &[isize::MAX]), nowhere);
+        assert_eq!(offset_range(&[2, 2], &[isize::MAX, isize::MAX]), nowhere);
+        assert_eq!(offset_range(&[usize::MAX, 0], &[1, 1]), None); // empty all the same
+        let big = (isize::MAX as usize) + 1; // n − 1 = isize::MAX still fits
+        assert_eq!(offset_range(&[big], &[1]), Some((0, isize::MAX)));
     }
 
     #[test]
