@@ -299,6 +299,40 @@ def test_grad_scaler_is_refused_clearly():
         scaler.step(opt)
 
 
+def test_grad_scaler_is_refused_after_a_manual_unscale_too():
+    # unscale_ (before clipping) leaves GradScaler.step no scale to pass, only found_inf.
+    model = _net(torch.float32)
+    opt = _opt(model, True)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(_loss(model, 0, torch.float32)).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="gradient_release"):
+        scaler.step(opt)
+
+
+def test_a_compiled_train_step_with_backward_inside_steps_as_eager():
+    # The hooks run inside the compiled function's backward: they step eagerly, as step()
+    # does (traced, the step failed on fake tensors after stepping one parameter).
+    models = [_net(torch.float64) for _ in range(3)]
+    release = [_opt(models[0], True), _opt(models[1], True)]
+    usual = _opt(models[2], False)
+
+    def train_step(model, opt, step):
+        _loss(model, step, torch.float64).backward()
+        opt.step()
+
+    compiled = torch.compile(train_step)
+    for step in range(3):
+        compiled(models[0], release[0], step)
+        train_step(models[1], release[1], step)
+        _usual_step(models[2], usual, step, torch.float64)
+    for a, b, c in zip(*(m.parameters() for m in models)):
+        # The compiled forward and backward round differently from the eager ones.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(b, c, rtol=0, atol=0)
+    assert all(release[0].state[p]["step"] == 3 for p in models[0].body.parameters())
+
+
 def test_step_hooks_run_at_step_after_backward_updated_the_parameters():
     model = _net(torch.float32)
     opt = _opt(model, True)

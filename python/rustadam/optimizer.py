@@ -404,7 +404,9 @@ class Adam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.gradient_release:
-            if getattr(self, "grad_scale", None) is not None:
+            # GradScaler.step sets both; after its unscale_ (to clip, say) only found_inf.
+            scaler = (getattr(self, k, None) is not None for k in ("grad_scale", "found_inf"))
+            if any(scaler):
                 raise RuntimeError(
                     "rustadam.Adam(gradient_release=True) steps each parameter inside "
                     "backward, before GradScaler can unscale or skip: it does not combine "
@@ -1044,9 +1046,14 @@ def _rustadam_step_runs_eagerly(f: Callable[..., None], *args: Any) -> None:
 
 
 def _released(opt: Callable[[], Optional[Adam]], param: torch.Tensor) -> None:
-    """The gradient-release hook: steps ``param`` if its optimizer still exists."""
+    """The gradient-release hook: steps ``param`` if its optimizer still exists (eagerly, as
+    ``step()``, where a compiled function's backward runs it)."""
     live = opt()
-    if live is not None:
+    if live is None:
+        return
+    if torch.compiler.is_compiling():
+        _rustadam_step_runs_eagerly(live._release, param)
+    else:
         live._release(param)
 
 
