@@ -333,6 +333,31 @@ def test_a_compiled_train_step_with_backward_inside_steps_as_eager():
     assert all(release[0].state[p]["step"] == 3 for p in models[0].body.parameters())
 
 
+def test_a_second_release_optimizer_over_the_same_parameters_takes_them_over():
+    # The first one's hooks ran first, stepped the parameters with its own lr and consumed
+    # their gradients: the second stepped nothing.
+    models = [_net(torch.float64) for _ in range(2)]
+    params = [list(models[0].body.parameters()), list(models[1].body.parameters())]
+    first = _opt(params[0], True, lr=1e-2)
+    usual_first = _opt(params[1], False, lr=1e-2)
+    _loss(models[0], 0, torch.float64).backward()
+    _usual_step(models[1], usual_first, 0, torch.float64)
+    second = _opt(params[0], True, lr=1e-4)  # the first is still alive
+    usual_second = _opt(params[1], False, lr=1e-4)
+    for step in (1, 2):
+        _loss(models[0], step, torch.float64).backward()
+        _usual_step(models[1], usual_second, step, torch.float64)
+    assert [first.state[p]["step"] for p in params[0]] == [1] * len(params[0])
+    assert [second.state[p]["step"] for p in params[0]] == [2] * len(params[0])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Gone, the second leaves them to the first again.
+    del second
+    gc.collect()
+    _loss(models[0], 3, torch.float64).backward()
+    assert [first.state[p]["step"] for p in params[0]] == [2] * len(params[0])
+
+
 def test_step_hooks_run_at_step_after_backward_updated_the_parameters():
     model = _net(torch.float32)
     opt = _opt(model, True)

@@ -459,6 +459,7 @@ class Adam(Optimizer):
                 if (held is None or held[0]() is not p) and p.requires_grad:
                     hook = p.register_post_accumulate_grad_hook(functools.partial(_released, me))
                     handles[id(p)] = (weakref.ref(p), hook)
+                    _RELEASE_OWNER[id(p)] = (weakref.ref(p), me)
 
     def _refuse_twice(self, key: Optional[int] = None) -> None:
         """RuntimeError naming a parameter the groups list twice (the one of id ``key``, or
@@ -475,6 +476,9 @@ class Adam(Optimizer):
 
     def _release(self, param: torch.Tensor) -> None:
         """Steps ``param`` with its fresh gradient, then frees the gradient."""
+        owner = _RELEASE_OWNER.get(id(param))
+        if owner is not None and owner[0]() is param and owner[1]() not in (None, self):
+            return  # another optimizer hooked it since, and steps it
         at = self.__dict__.get("_release_where", {}).get(id(param))
         groups = self.param_groups
         if not _placed(groups, at, param) or self.__dict__.get("_release_sizes") != _sizes(groups):
@@ -1057,10 +1061,20 @@ def _released(opt: Callable[[], Optional[Adam]], param: torch.Tensor) -> None:
         live._release(param)
 
 
+# The gradient-release optimizer that steps a parameter (by its id, with the parameter and the
+# optimizer held weakly): the one that hooked it last. A second optimizer over the same
+# parameters takes them over from the first, as one made to resume training would, instead of
+# finding their gradients consumed by the first's hooks.
+_RELEASE_OWNER: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
 def _remove_hooks(handles: dict[int, Any]) -> None:
     """Removes the gradient-release hooks of an optimizer that is gone."""
-    for _param, hook in handles.values():
+    for key, (_param, hook) in handles.items():
         hook.remove()
+        owner = _RELEASE_OWNER.get(key)
+        if owner is not None and owner[1]() is None:
+            del _RELEASE_OWNER[key]
     handles.clear()
 
 
