@@ -107,8 +107,9 @@ def _real(t: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_like(target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself where it is laid out like ``target``, else a copy in ``target``'s strides."""
-    if t.stride() == target.stride() or t.numel() <= 1:
+    """``t`` itself where it is laid out like ``target``, else a copy in ``target``'s strides.
+    A negative view is always copied: its memory holds −x, which the kernel would read as x."""
+    if (t.stride() == target.stride() or t.numel() <= 1) and not t.is_neg():
         return t
     out = torch.empty_strided(target.shape, target.stride(), dtype=t.dtype, device=t.device)
     return out.copy_(t)
@@ -275,8 +276,10 @@ def build_tables(
     numel = list(map(tensor.numel, lists[0]))
     keep: list[torch.Tensor] = []
     write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if all(all(map(tensor.is_contiguous, lst)) for lst in lists) and not (
-        any(cplx) and any(any(map(tensor.is_conj, lst)) for lst in lists)
+    if (
+        all(all(map(tensor.is_contiguous, lst)) for lst in lists)
+        and not any(any(map(tensor.is_neg, lst)) for lst in lists)
+        and not (any(cplx) and any(any(map(tensor.is_conj, lst)) for lst in lists))
     ):
         # The common case, without a Python loop over tensors: one row-major layout for all,
         # so memory offsets are the flat indices (a complex tensor's real view has the same
@@ -350,7 +353,7 @@ def _row(
     layout, written back after the kernel.
     """
     bufs = [p, g, m, v, *extra]
-    if all(x.is_contiguous() and not x.is_conj() for x in bufs):
+    if all(x.is_contiguous() and not x.is_conj() and not x.is_neg() for x in bufs):
         return [*(x.data_ptr() for x in bufs), p.numel() * (2 if p.is_complex() else 1)]
     real = [_real(x) for x in bufs]
     rp = real[0]
@@ -428,6 +431,17 @@ if __name__ == _JIT_MODULE:
             return (h | sign).to(tl.uint16).to(tl.float16, bitcast=True)
 
     @triton.jit
+    def _widen(x, E_KIND: tl.constexpr):
+        """E to C exactly: bfloat16 by its bits, the high half of a float32 (the interpreter's
+        own conversion loses bfloat16 subnormals); the same code runs compiled."""
+        if E_KIND == 2:
+            return (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        elif E_KIND == 3:
+            return x.to(tl.float32)
+        else:
+            return x
+
+    @triton.jit
     def _adam_kernel(
         table,  # int64 [n, 8]
         scalars,  # C [8 + 2n]
@@ -446,18 +460,15 @@ if __name__ == _JIT_MODULE:
         SEARCH_STEPS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        # (Computed in float32 for the 16-bit types: `_widen` gives their values.)
         if E_KIND == 0:
             ety = tl.float32
-            cty = tl.float32
         elif E_KIND == 1:
             ety = tl.float64
-            cty = tl.float64
         elif E_KIND == 2:
             ety = tl.bfloat16
-            cty = tl.float32
         else:
             ety = tl.float16
-            cty = tl.float32
         pid = tl.program_id(0)
         # Binary search: the last tensor whose first block is <= pid.
         lo = pid * 0
@@ -479,24 +490,24 @@ if __name__ == _JIT_MODULE:
             mask = mask & ((tl.zeros_like(offs).to(tl.float32) + tl.load(found_inf)) == 0)
 
         step_size = tl.load(scalars + 8 + 2 * lo)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(cty)
+        g = _widen(tl.load(g_ptr + offs, mask=mask, other=0.0), E_KIND)
         if HAS_SCALE:
             g = _div_rn(g, tl.load(grad_scale), E_KIND == 1)
         if MAXIMIZE:
             g = -g
-        theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(cty)
+        theta = _widen(tl.load(p_ptr + offs, mask=mask, other=0.0), E_KIND)
         if DECAY == 1:
-            theta = _to_e(theta * tl.load(scalars + 0), E_KIND).to(cty)
+            theta = _widen(_to_e(theta * tl.load(scalars + 0), E_KIND), E_KIND)
         if DECAY == 2:
-            g = _to_e(tl.fma(theta, tl.load(scalars + 1), g), E_KIND).to(cty)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(cty)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(cty)
+            g = _widen(_to_e(tl.fma(theta, tl.load(scalars + 1), g), E_KIND), E_KIND)
+        m = _widen(tl.load(m_ptr + offs, mask=mask, other=0.0), E_KIND)
+        v = _widen(tl.load(v_ptr + offs, mask=mask, other=0.0), E_KIND)
         m = tl.fma(g, tl.load(scalars + 3), m * tl.load(scalars + 2))
         v = tl.fma(tl.load(scalars + 5) * g, g, v * tl.load(scalars + 4))
         vd = v
         if AMSGRAD:
             vmax_ptr = tl.load(row + 4).to(tl.pointer_type(ety))
-            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(cty)
+            vmax = _widen(tl.load(vmax_ptr + offs, mask=mask, other=0.0), E_KIND)
             vd = tl.maximum(vmax, v, propagate_nan=tl.PropagateNan.ALL)
             tl.store(vmax_ptr + offs, _to_e(vd, E_KIND), mask=mask)
         denom = _sqrt_rn(vd, E_KIND == 1)
@@ -526,11 +537,11 @@ if __name__ == _JIT_MODULE:
             new_p = _to_e(tl.where(finite, y, x), E_KIND)
         else:
             c_ptr = tl.load(row + 5).to(tl.pointer_type(ety))
-            c = tl.load(c_ptr + offs, mask=mask, other=0.0).to(cty)
+            c = _widen(tl.load(c_ptr + offs, mask=mask, other=0.0), E_KIND)
             yk = c - u
             sk = theta + yk
             new_p = _to_e(sk, E_KIND)
-            tl.store(c_ptr + offs, _to_e(yk - (new_p.to(cty) - theta), E_KIND), mask=mask)
+            tl.store(c_ptr + offs, _to_e(yk - (_widen(new_p, E_KIND) - theta), E_KIND), mask=mask)
         tl.store(p_ptr + offs, new_p, mask=mask)
         tl.store(m_ptr + offs, _to_e(m, E_KIND), mask=mask)
         tl.store(v_ptr + offs, _to_e(v, E_KIND), mask=mask)
