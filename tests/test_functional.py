@@ -81,3 +81,64 @@ def test_kahan_rounding_needs_compensations_only_for_16_bit_parameters(backend):
     params, grads, ms, vs = buffers(dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="needs a compensation buffer for a 16-bit"):
         adam(params, grads, ms, vs, [1, 2, 3], rounding="kahan", backend=backend, **HYPER)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "seed, error, match",
+    [
+        (-1, ValueError, r"seeds\[1\] is -1; a seed is from 0 below 2\*\*64"),
+        (2**64, ValueError, "a seed is from 0 below 2"),
+        (1.5, TypeError, r"seeds\[1\] is 1.5; expected an int"),
+    ],
+)
+def test_every_backend_refuses_the_same_seeds(backend, seed, error, match):
+    params, grads, ms, vs = buffers()
+    before = [t.clone() for t in params]
+    with pytest.raises(error, match=match):
+        adam(params, grads, ms, vs, [1, 2, 3], seeds=[0, seed, 0], backend=backend, **HYPER)
+    for t, b in zip(params, before):
+        torch.testing.assert_close(t, b, rtol=0, atol=0)
+    # numpy's ints are ints
+    adam(params, grads, ms, vs, [1, 2, 3], seeds=[np.int64(7)] * 3, backend=backend, **HYPER)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leaf_parameters_that_require_grad_step_outside_no_grad(backend):
+    # As Adam.step does; the foreach ops wrote the first parameter, then refused the second.
+    params, grads, ms, vs = buffers()
+    expected = [t.clone() for t in params]
+    adam(expected, grads, [m.clone() for m in ms], [v.clone() for v in vs], [1, 2, 3],
+         backend=backend, **HYPER)  # fmt: skip
+    leaves = [p.clone().requires_grad_() for p in params]
+    adam(leaves, grads, ms, vs, [1, 2, 3], backend=backend, **HYPER)
+    for a, b in zip(leaves, expected):
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_complex32_parameter_needs_its_kahan_compensation_before_anything_is_written(backend):
+    # complex32 steps as pairs of float16, which rounding="kahan" compensates: without a
+    # buffer the foreach ops failed with a bare AssertionError (the Triton kernel after an
+    # earlier launch had written).
+    p, q = torch.ones(4), torch.ones(3, dtype=torch.complex32)
+    grads = [torch.ones(4), torch.ones(3, dtype=torch.complex32)]
+    ms, vs = [torch.zeros_like(p), torch.zeros_like(q)], [torch.zeros_like(p), torch.zeros_like(q)]
+    # (backend="rust" refuses complex32 itself: the core does not take it)
+    why = "cannot step parameter 1 on the Rust" if backend == "rust" else "parameter 1: .*needs a"
+    with pytest.raises(RuntimeError, match=why):
+        adam([p, q], grads, ms, vs, [1, 1], rounding="kahan", compensations=[None, None],
+             backend=backend, **HYPER)  # fmt: skip
+    assert torch.equal(p, torch.ones(4)) and not ms[0].any()
+
+
+def test_adam_gives_a_complex32_parameter_its_kahan_compensation():
+    from rustadam import Adam
+
+    q = torch.nn.Parameter(torch.ones(3, dtype=torch.complex32))
+    q.grad = torch.full((3,), 0.5 + 0.25j, dtype=torch.complex32)
+    opt = Adam([q], lr=0.1, rounding="kahan")
+    opt.step()
+    comp = opt.state[q]["compensation"]
+    assert comp.dtype == torch.complex32 and comp.shape == q.shape
+    assert opt.state[q]["step"] == 1

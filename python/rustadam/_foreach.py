@@ -279,7 +279,7 @@ def check(
             # Integers would truncate the moments; float8 and the like have no arithmetic, so
             # they would fail part way through the step.
             raise RuntimeError(f"{name(i)}: {dtype_refusal(dtype)}")
-        if kahan and compensations[i] is None and dtype in _HALF:  # type: ignore[index]
+        if kahan and compensations[i] is None and dtype in _rounding.SIXTEEN_BIT:  # type: ignore[index]
             raise RuntimeError(
                 f"{name(i)}: rounding='kahan' needs a compensation buffer for a 16-bit parameter"
             )

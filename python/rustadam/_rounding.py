@@ -22,10 +22,14 @@ M1 = 0x7FEB352D
 M2 = 0x2C1B3C6D
 _MASK32 = 0xFFFFFFFF
 _HALF = (torch.float16, torch.bfloat16)
+#: Parameter dtypes stored in 16-bit reals (complex32 as pairs of float16): the ones whose
+#: rounding modes apply, and which rounding="kahan" gives a compensation buffer.
+SIXTEEN_BIT = (torch.float16, torch.bfloat16, torch.complex32)
 
 __all__ = [
     "M1",
     "M2",
+    "SIXTEEN_BIT",
     "compute_dtype",
     "element_index",
     "fma",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from rustadam._foreach import self_overlaps
+from rustadam._rounding import SIXTEEN_BIT
 from rustadam.functional import param_label
 from rustadam.weight_decay import WeightDecay
 
@@ -205,7 +206,7 @@ def _expected_state(
         }
         if group.get("amsgrad"):
             expected["max_exp_avg_sq"] = shape
-        if group.get("rounding", opt.rounding) == "kahan" and param.dtype in _HALF:
+        if group.get("rounding", opt.rounding) == "kahan" and param.dtype in SIXTEEN_BIT:
             expected["compensation"] = shape
         return expected
     probe: dict[str, Any] = {}
@@ -214,9 +215,6 @@ def _expected_state(
     except Exception:  # an override that needs real data; torch's own checks remain
         return None
     return {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in probe.items()}
-
-
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _is_count(step: Any) -> bool:

@@ -130,7 +130,7 @@ def adam(
         list(exp_avgs),
         list(exp_avg_sqs),
         [_count(t, k) for k, t in enumerate(steps)],
-        list(seeds) if seeds is not None else [0] * n,
+        [_seed(s, k) for k, s in enumerate(seeds)] if seeds is not None else [0] * n,
         None if max_exp_avg_sqs is None else list(max_exp_avg_sqs),
         None if compensations is None else list(compensations),
     )
@@ -146,7 +146,22 @@ def adam(
     for name, lst in lists.items():
         if lst is not None and len(lst) != n:
             raise ValueError(f"adam: {name} has {len(lst)} entries for {n} parameters")
-    run_groups([work], backend=backend, num_threads=num_threads)
+    # An optimizer's step writes leaf parameters that require grad, as Adam.step does.
+    with torch.no_grad():
+        run_groups([work], backend=backend, num_threads=num_threads)
+
+
+def _seed(s: Any, k: int) -> int:
+    """``seeds[k]`` as the int every path takes: from 0 below 2**64."""
+    try:
+        if isinstance(s, bool):
+            raise TypeError
+        seed = operator.index(s)
+    except TypeError:
+        raise TypeError(f"adam: seeds[{k}] is {s!r}; expected an int") from None
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"adam: seeds[{k}] is {seed}; a seed is from 0 below 2**64")
+    return seed
 
 
 def _count(t: Any, k: int) -> int:

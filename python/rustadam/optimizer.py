@@ -299,7 +299,7 @@ class Adam(Optimizer):
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         if group.get("amsgrad"):
             state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if self._rounding(group) == "kahan" and param.dtype in _HALF:
+        if self._rounding(group) == "kahan" and param.dtype in _rounding.SIXTEEN_BIT:
             state["compensation"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def get_mv(
@@ -712,7 +712,7 @@ class Adam(Optimizer):
         if (
             base_step
             and "adam_update" in base
-            and param.dtype in _HALF
+            and param.dtype in _rounding.SIXTEEN_BIT
             and self._rounding(group) == "kahan"
         ):
             if state.get("compensation") is None:
