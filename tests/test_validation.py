@@ -100,6 +100,21 @@ def test_numpy_numbers_are_taken_as_torch_takes_them(value: Any) -> None:
     assert torch.equal(results[0], results[1])
 
 
+def test_betas_of_other_number_types_give_every_path_the_float64_step() -> None:
+    """Taken as floats everywhere: the per-parameter path once computed β**t in the given
+    type's own arithmetic (float32 for numpy's float32 or a float tensor)."""
+    betas = (np.float32(0.9), torch.tensor([0.999]))
+    results = []
+    for backend in ("rust", "torch"):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 5, dtype=torch.float64))
+        opt = Adam([p], lr=0.01, betas=betas, backend=backend)
+        for t in range(5):
+            p.grad = torch.linspace(2, -2 + t, 5, dtype=torch.float64)
+            opt.step()
+        results.append(p.detach())
+    assert torch.equal(results[0], results[1])
+
+
 def test_invalid_weight_decay() -> None:
     with pytest.raises(ValueError) as info:
         WeightDecay(-0.1)

@@ -259,7 +259,7 @@ class Adam(Optimizer):
         # hyper-parameter.
         _core.Config(
             lr=_given("lr", lr),
-            betas=_pair(betas),
+            betas=_given_pair(betas),
             eps=_given("eps", eps),
             rounding=rounding,
         )
@@ -576,7 +576,7 @@ class Adam(Optimizer):
             wd = group.get("weight_decay", 0.0)
             return _core.Config(
                 lr=_given("lr", group["lr"]),
-                betas=_pair(group["betas"]),
+                betas=_given_pair(group["betas"]),
                 eps=_given("eps", group["eps"]),
                 weight_decay=_given(
                     "weight_decay", wd.weight_decay if isinstance(wd, WeightDecay) else wd
@@ -1195,7 +1195,13 @@ def _given(name: str, x: Any) -> Any:
     return x
 
 
-def _pair(betas: Any) -> tuple[Any, Any]:
+def _pair(betas: Any) -> tuple[float, float]:
+    b1, b2 = betas
+    return _real_number("betas[0]", b1), _real_number("betas[1]", b2)
+
+
+def _given_pair(betas: Any) -> tuple[Any, Any]:
+    """``betas`` checked, for the core's messages (see ``_given``)."""
     b1, b2 = betas
     return _given("betas[0]", b1), _given("betas[1]", b2)
 
