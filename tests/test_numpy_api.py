@@ -689,6 +689,28 @@ def test_a_subclass_running_code_while_checked_cannot_retype_checked_arrays():
     assert not outside.any(), f"{np.count_nonzero(outside)} elements outside the arrays written"
 
 
+def test_a_state_key_that_is_not_exactly_a_str_is_refused_before_anything_is_written():
+    # The count is set after the arrays are written; a str subclass's own __eq__ ran there
+    # (raising, it left the arrays stepped and the count where it was).
+    class Key(str):
+        def __hash__(self):
+            return str.__hash__(self)
+
+        def __eq__(self, other):
+            raise RuntimeError("a key's own __eq__")
+
+    w = np.zeros(4)
+    opt = Adam([w], lr=0.1)
+    opt.step([np.ones(4)])
+    s = opt.state[0]
+    opt.state[0] = {Key("step"): s["step"], "exp_avg": s["exp_avg"], "exp_avg_sq": s["exp_avg_sq"]}
+    before = (w.copy(), s["exp_avg"].copy())
+    with pytest.raises(ValueError, match=r"state of parameter 0 must be a dict with the keys"):
+        opt.step([np.ones(4)])
+    np.testing.assert_array_equal(w, before[0])
+    np.testing.assert_array_equal(s["exp_avg"], before[1])
+
+
 def test_empty_arrays_anywhere_in_memory_step():
     # numpy calls an empty array aligned wherever its pointer is: it must not become a slice
     # from a misaligned pointer (undefined behaviour), only an empty one.

@@ -356,10 +356,16 @@ def _check_param(p: Any, name: str) -> None:
 def _check_state(s: Any, i: int) -> None:
     """Parameter ``i``'s state: the three entries, ``step`` an int the next update can count
     past (ValueError naming the parameter and the entry)."""
-    if not isinstance(s, dict) or set(s) != {"step", "exp_avg", "exp_avg_sq"}:
+    # Exact str keys: the step sets the count after the arrays are written, and a key of
+    # another type would run its own __eq__ there.
+    if (
+        not isinstance(s, dict)
+        or any(type(k) is not str for k in s)
+        or set(s) != {"step", "exp_avg", "exp_avg_sq"}
+    ):
         raise ValueError(
             f"state of parameter {i} must be a dict with the keys 'step', 'exp_avg' and "
-            "'exp_avg_sq'"
+            "'exp_avg_sq' (str)"
         )
     step = s["step"]
     if (
