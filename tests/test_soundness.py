@@ -861,3 +861,31 @@ def test_a_fake_tensor_passed_off_as_a_parameter_is_refused_by_name():
     )
     for backend in ("auto", "rust"):
         assert f"{backend} refused: param_groups[0]['params'][0]" in out, out
+
+
+@pytest.mark.parametrize("backend", ["auto", "rust"])
+def test_a_buffer_whose_storage_torch_cannot_read_is_refused_by_name(backend):
+    # A wrapper tensor (a storage without memory, offset 500) whose class was set to
+    # nn.Parameter, as an exp_avg: torch's own error reading its storage named nothing.
+    class Wrapper(torch.Tensor):
+        @staticmethod
+        def __new__(cls):
+            return torch.Tensor._make_wrapper_subclass(
+                cls, (4,), strides=(1,), storage_offset=500, dtype=torch.float32, device="cpu"
+            )
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            return NotImplemented
+
+    w = Wrapper()
+    w.__class__ = torch.nn.Parameter
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4))
+    opt = Adam([a, b], lr=0.1, backend=backend)
+    a.grad, b.grad = torch.ones(3), torch.ones(4)
+    opt.state[a] = {"step": 0, "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
+    opt.state[b] = {"step": 0, "exp_avg": w, "exp_avg_sq": torch.zeros(4)}
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[1\].*its exp_avg"):
+        opt.step()
+    assert not a.detach().any() and not opt.state[a]["exp_avg"].any()
+    assert opt.state[a]["step"] == opt.state[b]["step"] == 0

@@ -477,15 +477,21 @@ fn hold_storages(
             let (Some(obj), Some(m)) = (obj, slot.as_mut()) else {
                 continue;
             };
-            if let Err(why) = tensor::hold(obj, th, m)? {
-                let problem = Problem::Storage(*r, why);
-                return Err(refused(
-                    it.group,
-                    it.index,
-                    problem.kind(),
-                    problem.message(|_| String::new()),
-                ));
-            }
+            let problem = match tensor::hold(obj, th, m) {
+                Ok(Ok(())) => continue,
+                Ok(Err(why)) => Problem::Storage(*r, why),
+                // Torch's own error (a storage it calls invalid): named as this buffer's.
+                Err(e) if e.is_instance_of::<PyRuntimeError>(py) => {
+                    Problem::Unreadable(*r, e.value(py).to_string())
+                }
+                Err(e) => return Err(e),
+            };
+            return Err(refused(
+                it.group,
+                it.index,
+                problem.kind(),
+                problem.message(|_| String::new()),
+            ));
         }
     }
     Ok(())
