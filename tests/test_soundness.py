@@ -535,6 +535,28 @@ def test_a_moment_whose_elements_share_memory_is_refused_at_load(backend, view):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alias", ["the same tensor", "the parameter", "a cast copy"])
+def test_moments_sharing_memory_are_refused_at_load_unless_the_load_copies_them(backend, alias):
+    opt, params, _ = three_groups(backend)
+    sd = copy.deepcopy(opt.state_dict())
+    e = params[2]
+    if alias == "the same tensor":
+        sd["state"][2]["exp_avg_sq"] = sd["state"][2]["exp_avg"]
+    elif alias == "the parameter":
+        sd["state"][2]["exp_avg"] = e.detach()
+    else:  # float64 moments are cast to the parameter's float32: two tensors of their own
+        sd["state"][2]["exp_avg_sq"] = sd["state"][2]["exp_avg"] = torch.zeros(e.shape).double()
+    before = snapshot(opt)
+    if alias == "a cast copy":
+        opt.load_state_dict(sd)
+        opt.step()  # steps: the load made them apart
+        return
+    with pytest.raises(ValueError, match="sharing memory with"):
+        opt.load_state_dict(sd)
+    assert_unchanged(opt, before, "load_state_dict refused")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lr", [-0.1, math.nan])
 def test_invalid_lr_on_a_later_group_refuses_the_step(backend, lr):
     opt, _params, _ = three_groups(backend)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from rustadam._foreach import self_overlaps
+from rustadam._foreach import self_overlaps, span
 from rustadam._rounding import SIXTEEN_BIT
 from rustadam.functional import param_label
 from rustadam.weight_decay import WeightDecay
@@ -188,6 +188,28 @@ def _check_param_state(
                     f"(strides {tuple(value.stride())} for shape {tuple(value.shape)}: an "
                     "expanded or windowed view); it is updated in place, so every element "
                     "needs memory of its own"
+                )
+    _check_own_memory(entry, name, expected, param)
+
+
+def _check_own_memory(
+    entry: Mapping[str, Any], name: str, expected: Mapping[str, Any], param: torch.Tensor
+) -> None:
+    """The loaded moments that stay themselves after the load (torch casts only those of
+    another dtype or device) each need memory of their own, apart from the parameter's: a
+    step writes them all in place, and refuses one that shares memory with another."""
+    held = [("the parameter", param)] + [
+        (repr(k), entry[k])
+        for k, shape in expected.items()
+        if shape is not None and entry[k].dtype == param.dtype and entry[k].device == param.device
+    ]
+    spans = [(what, span(t)) for what, t in held]
+    for i, (a, sa) in enumerate(spans):
+        for b, sb in spans[i + 1 :]:
+            if sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]:
+                raise ValueError(
+                    f"the loaded state of {name} has {b} sharing memory with {a}; each is "
+                    "updated in place, so each needs memory of its own"
                 )
 
 
