@@ -88,14 +88,16 @@ def test_hyper_parameters_must_be_real_numbers(key: str, value: Any) -> None:
     assert len(opt.state) == 0
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("value", [np.array(0.01), np.array([[0.01]]), np.float32(0.01)])
-def test_numpy_numbers_are_taken_as_torch_takes_them(value: Any) -> None:
-    """A numpy scalar or 1-element array as lr, eps or weight decay gives the float's step."""
+def test_numpy_numbers_are_taken_as_torch_takes_them(value: Any, backend: str) -> None:
+    """A numpy scalar or 1-element array as lr, eps or weight decay gives the float's step,
+    on the per-parameter path too (float() of a 2-d array raised there)."""
     results = []
     for v in (value, float(np.asarray(value).item())):
         p = torch.nn.Parameter(torch.linspace(-1, 1, 4))
         p.grad = torch.linspace(2, -2, 4)
-        Adam([p], lr=v, eps=v, weight_decay=v).step()
+        Adam([p], lr=v, eps=v, weight_decay=v, backend=backend).step()
         results.append(p.detach())
     assert torch.equal(results[0], results[1])
 

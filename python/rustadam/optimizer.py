@@ -345,7 +345,7 @@ class Adam(Optimizer):
         t = state["step"]
         bias_correction1 = 1 - beta1**t
         bias_correction2 = 1 - beta2**t
-        lr = float(self.get_lr(state, group))
+        lr = as_float("lr", self.get_lr(state, group))
         p = _real(param.data)
         p32, mr, vr = _f32(p), _f32(_real(m)), _f32(_real(v))
         c = p32.dtype
@@ -1208,7 +1208,8 @@ def _given_pair(betas: Any) -> tuple[Any, Any]:
 
 def _k(x: float, dtype: torch.dtype) -> float:
     """A float64 hyper-parameter rounded once to the compute type, as the core rounds it."""
-    x = float(x)  # a 1-element tensor too (torch.tensor(tensor) would warn and keep its dtype)
+    # A 1-element tensor or array too (torch.tensor(tensor) would warn and keep its dtype).
+    x = as_float("a hyper-parameter", x)
     if dtype == torch.float64:
         return x
     return float(torch.tensor(x, dtype=torch.float64).to(dtype).item())

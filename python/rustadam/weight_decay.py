@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rustadam import _core
-from rustadam._numbers import is_real
+from rustadam._numbers import as_float, is_real
 
 if TYPE_CHECKING:
     import torch
@@ -64,12 +64,12 @@ class WeightDecay:
     ) -> torch.Tensor:
         """Applies the decay; returns the gradient the moments are to use."""
         # float(): a tensor or numpy lr or λ must give the float64 factor a float gives.
-        wd = float(group["weight_decay"])
+        wd = as_float("weight_decay", group["weight_decay"])
         if self.weight_decouple:
             if self.absolute:
                 param.data.mul_(1.0 - wd)
             else:
-                param.data.mul_(1.0 - float(group["lr"]) * wd)
+                param.data.mul_(1.0 - as_float("lr", group["lr"]) * wd)
             return grad
         if wd != 0:
             return _l2(param.data, grad, wd)
