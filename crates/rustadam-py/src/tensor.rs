@@ -69,6 +69,9 @@ pub(crate) struct Torch {
     /// buffers are read.
     disable_torch_function: Py<PyAny>,
     disable_torch_dispatch: Py<PyAny>,
+    /// `torch._C._len_torch_function_stack` and `_len_torch_dispatch_stack`: how many modes
+    /// of each kind are active.
+    mode_stacks: [Py<PyAny>; 2],
     /// (torch dtype, element type, complex: each element is a pair of reals)
     dtypes: Vec<(Py<PyAny>, DType, bool)>,
     /// torch's objects are laid out as `prefetch` assumes: cache hints may be given.
@@ -118,6 +121,10 @@ pub(crate) fn torch(py: Python<'_>) -> PyResult<&'static Torch> {
         ],
         disable_torch_function: c.getattr("DisableTorchFunction")?.unbind(),
         disable_torch_dispatch: c.getattr("_DisableTorchDispatch")?.unbind(),
+        mode_stacks: [
+            c.getattr("_len_torch_function_stack")?.unbind(),
+            c.getattr("_len_torch_dispatch_stack")?.unbind(),
+        ],
         increment_version: c.getattr("_increment_version")?.unbind(),
         gc: {
             let gc = py.import("gc")?;
@@ -170,17 +177,26 @@ fn storage_len(
 /// `TorchFunctionMode` would otherwise run its own Python code for (and answer) the metadata
 /// calls `read` makes, `is_neg()` included, and a `TorchDispatchMode` would answer the device
 /// of a tensor whose device torch asks Python for (a fake tensor whose class was set to
-/// `torch.nn.Parameter`): with both off, such a question raises instead.
-pub(crate) struct NoModes<'py>([Bound<'py, PyAny>; 2]);
+/// `torch.nn.Parameter`): with both off, such a question raises instead. Only exact tensors
+/// are read, which nothing but a mode sends to Python: a guard is entered only where its
+/// kind of mode is active (each costs a few Python calls, on every step).
+pub(crate) struct NoModes<'py>(SmallVec<[Bound<'py, PyAny>; 2]>);
 
 impl<'py> NoModes<'py> {
     pub(crate) fn enter(py: Python<'py>, th: &Torch) -> PyResult<Self> {
-        let function = th.disable_torch_function.bind(py).call0()?;
-        let dispatch = th.disable_torch_dispatch.bind(py).call0()?;
-        function.call_method0(intern!(py, "__enter__"))?;
-        // Entered, the first guard must be left whatever happens to the second.
-        let guards = Self([function, dispatch.clone()]);
-        dispatch.call_method0(intern!(py, "__enter__"))?;
+        let mut guards = Self(SmallVec::new());
+        for (active, disable) in [
+            (&th.mode_stacks[0], &th.disable_torch_function),
+            (&th.mode_stacks[1], &th.disable_torch_dispatch),
+        ] {
+            if active.bind(py).call0()?.extract::<usize>()? == 0 {
+                continue;
+            }
+            let guard = disable.bind(py).call0()?;
+            guard.call_method0(intern!(py, "__enter__"))?;
+            // Entered: left on drop whatever happens to the next.
+            guards.0.push(guard);
+        }
         Ok(guards)
     }
 }
