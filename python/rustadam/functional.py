@@ -153,32 +153,30 @@ def adam(
 
 def _seed(s: Any, k: int) -> int:
     """``seeds[k]`` as the int every path takes: from 0 below 2**64."""
-    try:
-        if isinstance(s, bool):
-            raise TypeError
-        seed = operator.index(s)
-    except TypeError:
-        raise TypeError(f"adam: seeds[{k}] is {s!r}; expected an int") from None
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"adam: seeds[{k}] is {seed}; a seed is from 0 below 2**64")
-    return seed
+    return _int_entry("seeds", k, s, 0, 2**64, "expected an int", "a seed is from 0 below 2**64")
 
 
 def _count(t: Any, k: int) -> int:
     """``steps[k]`` as the int every path takes: t after this update, from 1 below 2**63."""
+    return _int_entry(
+        "steps", k, t, 1, 2**63,
+        "expected an int count (t after this update, from 1)",
+        "it counts updates from 1 and must fit in 63 bits",
+    )  # fmt: skip
+
+
+def _int_entry(lst: str, k: int, x: Any, lo: int, hi: int, kind: str, bounds: str) -> int:
+    """``lst[k]`` as an int from ``lo`` below ``hi`` (an int, a numpy or 0-dim integer tensor
+    one; never a bool): TypeError or ValueError naming the entry otherwise."""
     try:
-        if isinstance(t, bool):
+        if isinstance(x, bool):
             raise TypeError
-        count = operator.index(t)  # an int, numpy or 0-dim integer tensor
+        value = operator.index(x)
     except TypeError:
-        raise TypeError(
-            f"adam: steps[{k}] is {t!r}; expected an int count (t after this update, from 1)"
-        ) from None
-    if not 1 <= count < 2**63:
-        raise ValueError(
-            f"adam: steps[{k}] is {count}; it counts updates from 1 and must fit in 63 bits"
-        )
-    return count
+        raise TypeError(f"adam: {lst}[{k}] is {x!r}; {kind}") from None
+    if not lo <= value < hi:
+        raise ValueError(f"adam: {lst}[{k}] is {value}; {bounds}")
+    return value
 
 
 def threads(num_threads: Optional[int]) -> int:
