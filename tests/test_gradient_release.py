@@ -358,6 +358,19 @@ def test_a_second_release_optimizer_over_the_same_parameters_takes_them_over():
     assert [first.state[p]["step"] for p in params[0]] == [2] * len(params[0])
 
 
+def test_a_parameter_the_second_optimizer_no_longer_holds_goes_back_to_the_first():
+    model = _net(torch.float64)
+    params = list(model.body.parameters())
+    first = _opt(params, True)
+    second = _opt(params, True)
+    second.param_groups[0]["params"] = params[1:]  # params[0] is no longer the second's
+    _loss(model, 0, torch.float64).backward()  # the second lets it go (nobody steps it now)
+    _loss(model, 1, torch.float64).backward()
+    assert first.state[params[0]]["step"] == 1
+    assert params[0] not in second.state
+    assert all(second.state[p]["step"] == 2 for p in params[1:])
+
+
 def test_step_hooks_run_at_step_after_backward_updated_the_parameters():
     model = _net(torch.float32)
     opt = _opt(model, True)

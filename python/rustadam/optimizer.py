@@ -485,7 +485,10 @@ class Adam(Optimizer):
             self._hook_params()  # the groups changed since the hooks were placed
             at = self.__dict__["_release_where"].get(id(param))
             if at is None:
-                return  # no longer optimized here
+                # No longer optimized here: an optimizer it was taken over from steps it again.
+                if owner is not None and owner[1]() is self:
+                    del _RELEASE_OWNER[id(param)]
+                return
         self._refuse_twice(id(param))
         with torch.no_grad():
             self._locked(self._step_all, at)
