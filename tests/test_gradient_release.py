@@ -369,6 +369,12 @@ def test_a_parameter_the_second_optimizer_no_longer_holds_goes_back_to_the_first
     assert first.state[params[0]]["step"] == 1
     assert params[0] not in second.state
     assert all(second.state[p]["step"] == 2 for p in params[1:])
+    # Taken into the second's groups again, it is the second's again.
+    second.param_groups[0]["params"] = params
+    for step in (2, 3):
+        _loss(model, step, torch.float64).backward()
+    assert first.state[params[0]]["step"] == 1
+    assert second.state[params[0]]["step"] == 2
 
 
 def test_step_hooks_run_at_step_after_backward_updated_the_parameters():

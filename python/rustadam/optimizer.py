@@ -368,9 +368,10 @@ class Adam(Optimizer):
                 raise RuntimeError(
                     "rounding='kahan' needs a compensation buffer for a 16-bit parameter"
                 )
-            new, comp = _rounding.kahan_update(p32, u, state["compensation"], p.dtype)
+            compensation = _real(state["compensation"])  # complex32: pairs, as p
+            new, comp = _rounding.kahan_update(p32, u, compensation, p.dtype)
             p.copy_(new)
-            state["compensation"].copy_(comp)
+            compensation.copy_(comp)
         elif p.dtype in _HALF and rounding == "stochastic":
             index = _rounding.element_index(p)
             p.copy_(_rounding.stochastic_round(p32 - u, p.dtype, self._seed(param), t, index))
@@ -444,6 +445,7 @@ class Adam(Optimizer):
             # The hooks hold the optimizer weakly and go with it: a dropped optimizer (or one
             # replaced by another that loaded its state dict) stops stepping the parameters.
             weakref.finalize(self, _remove_hooks, handles)
+        before = self.__dict__.get("_release_where", {})
         where = self.__dict__["_release_where"] = {}
         twice = self.__dict__["_release_twice"] = {}
         self.__dict__["_release_sizes"] = _sizes(self.param_groups)
@@ -456,10 +458,15 @@ class Adam(Optimizer):
                 where[id(p)] = (gi, i)
                 held = handles.get(id(p))
                 # By identity: a parameter freed since may have left its id to this one.
-                if (held is None or held[0]() is not p) and p.requires_grad:
+                if not p.requires_grad:
+                    continue
+                if held is None or held[0]() is not p:
                     hook = p.register_post_accumulate_grad_hook(functools.partial(_released, me))
                     handles[id(p)] = (weakref.ref(p), hook)
-                    _RELEASE_OWNER[id(p)] = (weakref.ref(p), me)
+                elif id(p) in before:
+                    continue  # held and hooked since before: whoever steps it goes on
+                # Hooked or taken into the groups just now: this optimizer steps it.
+                _RELEASE_OWNER[id(p)] = (weakref.ref(p), me)
 
     def _refuse_twice(self, key: Optional[int] = None) -> None:
         """RuntimeError naming a parameter the groups list twice (the one of id ``key``, or
