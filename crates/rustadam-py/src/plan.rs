@@ -76,8 +76,8 @@ pub(crate) enum Problem {
     SelfOverlap(Role),
     /// The buffer's view does not fit its storage.
     Storage(Role, Refusal),
-    /// Torch raised reading the buffer's metadata (a fake tensor made to pass for a
-    /// parameter, whose device only a mode could answer): its message.
+    /// Torch raised reading the buffer's metadata or its storage (a fake tensor made to pass
+    /// for a parameter, whose device only a mode could answer): its message.
     Unreadable(Role, String),
 }
 

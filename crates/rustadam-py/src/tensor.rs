@@ -177,9 +177,13 @@ fn storage_len(
 /// `TorchFunctionMode` would otherwise run its own Python code for (and answer) the metadata
 /// calls `read` makes, `is_neg()` included, and a `TorchDispatchMode` would answer the device
 /// of a tensor whose device torch asks Python for (a fake tensor whose class was set to
-/// `torch.nn.Parameter`): with both off, such a question raises instead. Only exact tensors
-/// are read, which nothing but a mode sends to Python: a guard is entered only where its
-/// kind of mode is active (each costs a few Python calls, on every step).
+/// `torch.nn.Parameter`): with both off, such a question raises instead. A guard is entered
+/// only where its kind of mode is active (each costs a few Python calls, on every step): only
+/// exact tensors are read, whose metadata calls only a mode sends to Python, save a tensor
+/// torch itself asks Python about (a subclass instance with a Python sizes/strides policy whose
+/// class was set to `nn.Parameter`). Its answers are used as torch uses them; its view is still
+/// checked against its storage's memory (`hold`), so a false answer moves the writes within
+/// that storage, as it moves torch's own.
 pub(crate) struct NoModes<'py>(SmallVec<[Bound<'py, PyAny>; 2]>);
 
 impl<'py> NoModes<'py> {
