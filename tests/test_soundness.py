@@ -911,3 +911,59 @@ def test_a_buffer_whose_storage_torch_cannot_read_is_refused_by_name(backend):
         opt.step()
     assert not a.detach().any() and not opt.state[a]["exp_avg"].any()
     assert opt.state[a]["step"] == opt.state[b]["step"] == 0
+
+
+def test_strides_answered_from_python_stay_inside_the_storage():
+    # A tensor torch asks Python about (a strides policy, its class set to nn.Parameter)
+    # answers with no mode active. A false stride is used as torch's ops use it, within the
+    # storage; one that reaches past the storage is refused by name, nothing written.
+    out = run_case(
+        r"""
+        from rustadam import Adam
+
+        class S(torch.Tensor):
+            @classmethod
+            def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+                return NotImplemented
+
+        def run(stride):
+            base = torch.zeros(8, dtype=torch.float64)
+            x = torch.Tensor._make_subclass(S, base[0:4], True,
+                                            dispatch_sizes_strides_policy="strides")
+            x.__class__ = torch.nn.Parameter
+
+            def lie(cls, func, types, args=(), kwargs=None):
+                name = str(func)
+                if "sym_size" in name:
+                    return [4]
+                if "sym_stride" in name:
+                    return [stride]
+                if "sym_numel" in name:
+                    return 4
+                if "sym_storage_offset" in name:
+                    return 0
+                if "is_contiguous" in name or "is_strides_like" in name or "non_overlapping" in name:
+                    return stride == 1
+                with torch._C._DisableTorchDispatch():
+                    return func(*args, **(kwargs or {}))
+
+            torch.nn.Parameter.__torch_dispatch__ = classmethod(lie)
+            try:
+                x.grad = torch.ones(4, dtype=torch.float64)
+                opt = Adam([x], lr=0.1)
+                opt.state[x] = {"step": 0, "exp_avg": torch.zeros(4, dtype=torch.float64),
+                                "exp_avg_sq": torch.zeros(4, dtype=torch.float64)}
+                try:
+                    opt.step()
+                    print(stride, "stepped", [i for i, v in enumerate(base.tolist()) if v])
+                except RuntimeError as e:
+                    print(stride, "refused:", str(e)[:60], "| written:", bool(base.any()))
+            finally:
+                del torch.nn.Parameter.__torch_dispatch__
+
+        run(2)  # reaches base[6]: inside the storage of 8
+        run(3)  # reaches base[9]: past it
+        """
+    )
+    assert "2 stepped [0, 2, 4, 6]" in out, out
+    assert "3 refused: param_groups[0]['params'][0]" in out and "written: False" in out, out
